@@ -1,0 +1,70 @@
+"""Writing files so that nothing is ever half-written: a temporary file, then a rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from nst_jax import errors
+
+
+def ensure_directory(path: str) -> None:
+  """Creates ``path`` (and parents) if needed; raises UserError if that is impossible."""
+  if not path:
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.UserError(f'{path!r} exists and is not a directory; choose another output folder')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as exc:
+    raise errors.UserError(f'cannot create output folder {path!r} ({exc.strerror}); '
+                           'choose a writable --workdir') from None
+  if not os.access(path, os.W_OK):
+    raise errors.UserError(f'output folder {path!r} is not writable; choose a writable --workdir')
+
+
+@contextlib.contextmanager
+def atomic_write(path: str) -> Iterator[BinaryIO]:
+  """Opens a temporary file beside ``path`` for binary writing and renames it over ``path``.
+
+  Readers see either the old file or the complete new one, never a partial write, even if the
+  process is killed mid-write.
+
+  Args:
+    path: the final destination.
+
+  Yields:
+    A binary file handle to write to.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  ensure_directory(directory)
+  try:
+    descriptor, temporary = tempfile.mkstemp(
+        dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+  except OSError as exc:
+    raise errors.UserError(f'cannot write {path!r} ({exc.strerror}); choose a writable '
+                           'output path') from None
+  try:
+    with os.fdopen(descriptor, 'wb') as handle:
+      yield handle
+      handle.flush()
+      os.fsync(handle.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(temporary)
+    raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` atomically."""
+  with atomic_write(path) as handle:
+    handle.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes UTF-8 ``text`` to ``path`` atomically."""
+  write_bytes(path, text.encode('utf-8'))
