@@ -35,10 +35,36 @@ class _StorageType:
 def _rebuild_tensor(storage, offset, size, stride, *unused):
   array, = storage if isinstance(storage, tuple) else (storage,)
   itemsize = array.dtype.itemsize
+  offset, size, stride = int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
+  # as_strided does no bounds checking, so a corrupt or truncated file must be caught here rather
+  # than read memory beyond the storage.
+  if (offset < 0 or len(size) != len(stride) or any(s < 0 for s in size + stride)
+      or (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= array.size)):
+    raise pickle.UnpicklingError(
+        f'tensor of size {size}, stride {stride} and offset {offset} does not fit its storage of '
+        f'{array.size} elements; the file is truncated or corrupt')
   if not size:
     return array[offset:offset + 1].reshape(()).copy()
   return np.lib.stride_tricks.as_strided(
-      array[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)).copy()
+      array[offset:], shape=size, strides=tuple(s * itemsize for s in stride)).copy()
+
+
+class _NoClassesUnpickler(pickle.Unpickler):
+  """Unpickles plain data only: the legacy format's header and key list never name a class."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    raise pickle.UnpicklingError(f'unexpected object {module}.{name} in a torch file header')
+
+
+def _load_plain(handle: BinaryIO) -> Any:
+  return _NoClassesUnpickler(handle).load()
+
+
+class _PendingTensor:
+  """Stands for a legacy-format tensor until the storages after the object pickle are read."""
+
+  def __init__(self, index: int):
+    self.index = index
 
 
 class _Unpickler(pickle.Unpickler):
@@ -71,21 +97,28 @@ class _Unpickler(pickle.Unpickler):
 def _load_zip(path: str) -> Any:
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
-    pickle_name = next(name for name in names if name.endswith('data.pkl'))
+    pickle_name = next((name for name in names if name.endswith('data.pkl')), None)
+    if pickle_name is None:
+      raise pickle.UnpicklingError('a zip archive without data.pkl, so not a torch file')
     prefix = pickle_name[:-len('data.pkl')]
 
     def load_storage(key, dtype, numel):
-      return np.frombuffer(archive.read(f'{prefix}data/{key}'), dtype=dtype, count=numel).copy()
+      data = archive.read(f'{prefix}data/{key}')
+      if len(data) < numel * dtype.itemsize:
+        raise pickle.UnpicklingError(f'storage {key} holds {len(data)} bytes, fewer than its '
+                                     f'{numel} elements need; the file is corrupt')
+      return np.frombuffer(data, dtype=dtype, count=numel).copy()
 
     return _Unpickler(io.BytesIO(archive.read(pickle_name)), load_storage).load()
 
 
 def _load_legacy(path: str) -> Any:
   with open(path, 'rb') as handle:
-    if pickle.load(handle) != _LEGACY_MAGIC:
+    # The header is plain data; a restricted unpickler keeps a hostile file from running code.
+    if _load_plain(handle) != _LEGACY_MAGIC:
       raise pickle.UnpicklingError('not a torch file (bad magic number)')
-    pickle.load(handle)  # protocol version
-    pickle.load(handle)  # system info
+    _load_plain(handle)  # protocol version
+    _load_plain(handle)  # system info
     dtypes = {}
 
     def load_storage(key, dtype, numel):
@@ -97,7 +130,7 @@ def _load_legacy(path: str) -> Any:
 
     def rebuild(storage, offset, size, stride, *unused):
       tensors.append((storage[0], offset, size, stride))
-      return ('tensor', len(tensors) - 1)
+      return _PendingTensor(len(tensors) - 1)
 
     class Legacy(_Unpickler):
       def find_class(self, module, name):
@@ -106,20 +139,33 @@ def _load_legacy(path: str) -> Any:
         return super().find_class(module, name)
 
     obj = Legacy(handle, load_storage).load()
-    keys = pickle.load(handle)
+    keys = _load_plain(handle)
+    if not isinstance(keys, list):
+      raise pickle.UnpicklingError('malformed torch file: no storage key list after the object')
     storages = {}
     for key in keys:
-      numel, = struct.unpack('<q', handle.read(8))
-      dtype = dtypes.get(key, np.float32)
-      storages[key] = np.frombuffer(handle.read(numel * np.dtype(dtype).itemsize), dtype=dtype)
+      header = handle.read(8)
+      if len(header) != 8:
+        raise pickle.UnpicklingError(f'torch file ends before storage {key}; it is truncated')
+      numel, = struct.unpack('<q', header)
+      dtype = np.dtype(dtypes.get(key, np.float32))
+      data = handle.read(max(numel, 0) * dtype.itemsize)
+      if numel < 0 or len(data) != numel * dtype.itemsize:
+        raise pickle.UnpicklingError(f'torch file ends inside storage {key}; it is truncated')
+      storages[key] = np.frombuffer(data, dtype=dtype)
+    for key, _, _, _ in tensors:
+      if key not in storages:
+        raise pickle.UnpicklingError(f'torch file lacks the data of storage {key}')
     arrays = [_rebuild_tensor(storages[key], offset, size, stride)
               for key, offset, size, stride in tensors]
 
   def resolve(value):
-    if isinstance(value, tuple) and len(value) == 2 and value[0] == 'tensor':
-      return arrays[value[1]]
+    if isinstance(value, _PendingTensor):
+      return arrays[value.index]
     if isinstance(value, dict):
       return type(value)((k, resolve(v)) for k, v in value.items())
+    if type(value) in (list, tuple):
+      return type(value)(resolve(v) for v in value)
     return value
 
   return resolve(obj)

