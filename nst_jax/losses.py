@@ -150,16 +150,24 @@ def mean_std_statistic(features: jax.Array, **unused_options) -> dict[str, jax.A
 # Content terms.
 
 
+#: Content reductions: Gatys' ½Σ, the Keras tutorial's plain Σ, and the mean (MSE).
+CONTENT_REDUCTIONS = {'half_sum': lambda x: 0.5 * jnp.sum(x), 'sum': jnp.sum, 'mean': jnp.mean}
+
+
 @register('content', reference='content')
-def content(*, features: jax.Array, target: jax.Array, **unused) -> jax.Array:
-  """Gatys et al.: ``1/2 Σ (F − P)²``."""
-  return 0.5 * jnp.sum((features - target) ** 2)
+def content(*, features: jax.Array, target: jax.Array, reduction: str = 'half_sum',
+            **unused) -> jax.Array:
+  """Gatys et al.: ``1/2 Σ (F − P)²``; ``reduction`` ``sum`` (Keras tutorial) or ``mean`` (MSE)."""
+  if reduction not in CONTENT_REDUCTIONS:
+    raise errors.UserError(f'unknown content reduction {reduction!r}; choose one of '
+                           f'{", ".join(CONTENT_REDUCTIONS)}')
+  return CONTENT_REDUCTIONS[reduction]((features - target) ** 2)
 
 
 @register('content_mse', reference='content')
 def content_mse(*, features: jax.Array, target: jax.Array, **unused) -> jax.Array:
   """Mean squared error ``mean((F − P)²)`` (pastiche, jcjohnson/neural-style)."""
-  return jnp.mean((features - target) ** 2)
+  return content(features=features, target=target, reduction='mean')
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ LossFn = Callable[[jax.Array], jax.Array]
 
 
 def make(name: str, *, learning_rate: float = 1.0, memory_size: int = 100,
-         max_linesearch_steps: int = 20) -> optax.GradientTransformationExtraArgs:
+         max_linesearch_steps: int = 20, adam_b1: float = 0.9, adam_b2: float = 0.999,
+         adam_eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
   """Builds an optimiser by name.
 
   Args:
@@ -39,6 +40,9 @@ def make(name: str, *, learning_rate: float = 1.0, memory_size: int = 100,
     learning_rate: Adam's step size, in pixel units (0-255), or the fixed L-BFGS step scale.
     memory_size: L-BFGS history length.
     max_linesearch_steps: most loss evaluations the zoom line search makes per step.
+    adam_b1: Adam's first-moment decay.
+    adam_b2: Adam's second-moment decay.
+    adam_eps: Adam's denominator offset.
 
   Returns:
     An optax transformation whose ``update`` takes ``value``, ``grad`` and ``value_fn``.
@@ -49,7 +53,8 @@ def make(name: str, *, learning_rate: float = 1.0, memory_size: int = 100,
   if name == 'lbfgs_fixed':
     return optax.lbfgs(learning_rate=learning_rate, memory_size=memory_size, linesearch=None)
   if name == 'adam':
-    return optax.with_extra_args_support(optax.adam(learning_rate))
+    return optax.with_extra_args_support(
+        optax.adam(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps))
   raise errors.UserError(f'unknown optimizer {name!r}; choose one of {", ".join(OPTIMIZERS)}')
 
 

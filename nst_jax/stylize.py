@@ -75,6 +75,7 @@ class Spec:
   learning_rate: float
   memory_size: int
   max_linesearch_steps: int
+  adam: tuple[float, float, float]
   chunk_size: int
 
   @property
@@ -84,7 +85,8 @@ class Spec:
   def make_optimizer(self):
     return optim.make(self.optimizer, learning_rate=self.learning_rate,
                       memory_size=self.memory_size,
-                      max_linesearch_steps=self.max_linesearch_steps)
+                      max_linesearch_steps=self.max_linesearch_steps,
+                      adam_b1=self.adam[0], adam_b2=self.adam[1], adam_eps=self.adam[2])
 
   def features(self, net: Mapping, image: jax.Array, layers: Sequence[str]) -> dict:
     return vgg.features(net, image, layers=layers, network=self.network, pooling=self.pooling,
@@ -272,6 +274,7 @@ def prepare(config) -> Prepared:
               optimizer=config.optimizer, learning_rate=float(config.learning_rate),
               memory_size=int(config.memory_size),
               max_linesearch_steps=int(config.max_linesearch_steps),
+              adam=(float(config.adam_b1), float(config.adam_b2), float(config.adam_eps)),
               chunk_size=int(config.chunk_size))
 
   # Images.
@@ -650,6 +653,8 @@ def optimize(prepared: Prepared, config, *, workdir: str,
       last_good = np.asarray(jax.device_get(state['image']))[:n]
       while step < steps:
         active = min(spec.chunk_size, steps - step)
+        if config.lbfgs_restart and step > 0:
+          state = dict(state, opt_state=jax.jit(jax.vmap(optimizer.init))(state['image']))
         state, chunk_losses = optimize_chunk(state, jnp.int32(active), prepared.net, problems,
                                              spec=spec)
         chunk_losses = np.asarray(jax.device_get(chunk_losses))[:n]

@@ -1,0 +1,219 @@
+"""Loss terms against the seeds' formulas written out by hand in NumPy."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nst_jax import errors
+from nst_jax import losses
+
+
+def numpy_gram(features):
+  flat = features.reshape(-1, features.shape[-1]).astype(np.float64)  # M x N
+  return flat.T @ flat
+
+
+@pytest.fixture
+def layer(rng):
+  features = rng.standard_normal((6, 5, 4)).astype(np.float32)
+  style = rng.standard_normal((6, 5, 4)).astype(np.float32)
+  return features, style
+
+
+def test_content_seed_form(layer):
+  features, target = layer
+  expected = 0.5 * np.sum((features.astype(np.float64) - target) ** 2)
+  got = losses.content(features=jnp.asarray(features), target=jnp.asarray(target))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.content(features=features, target=target, reduction='sum'), 2 * expected, rtol=1e-5)
+  np.testing.assert_allclose(losses.content_mse(features=features, target=target),
+                             2 * expected / features.size, rtol=1e-5)
+
+
+def test_gram_seed_form_is_gatys_formula(layer):
+  features, style = layer
+  n = features.shape[-1]
+  m = features.shape[0] * features.shape[1]
+  expected = np.sum((numpy_gram(features) - numpy_gram(style)) ** 2) / (4 * n ** 2 * m ** 2)
+  target = losses.gram_statistic(jnp.asarray(style))
+  got = losses.gram_loss(features=jnp.asarray(features), target=target,
+                         image=jnp.zeros((12, 10, 3)), normalization='seed')
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_gram_keras_tutorial_normaliser(layer):
+  features, style = layer
+  image_height, image_width = 12, 10  # the tutorial divides by the image's H*W, not the layer's
+  expected = (np.sum((numpy_gram(features) - numpy_gram(style)) ** 2)
+              / (4.0 * 3 ** 2 * (image_height * image_width) ** 2))
+  got = losses.gram_loss(features=jnp.asarray(features),
+                         target=losses.gram_statistic(jnp.asarray(style)),
+                         image=jnp.zeros((image_height, image_width, 3)), normalization='keras')
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_gram_jcjohnson_and_pastiche_normalisations(layer):
+  features, style = layer
+  h, w, c = features.shape
+  image = jnp.zeros((h, w, 3))
+  jc = np.mean((numpy_gram(features) / (c * h * w) - numpy_gram(style) / (c * h * w)) ** 2)
+  pa = np.mean((numpy_gram(features) / (h * w) - numpy_gram(style) / (h * w)) ** 2)
+  target = losses.gram_statistic(jnp.asarray(style))
+  np.testing.assert_allclose(losses.gram_loss(features=features, target=target, image=image,
+                                              normalization='jcjohnson'), jc, rtol=1e-5)
+  np.testing.assert_allclose(losses.gram_loss(features=features, target=target, image=image,
+                                              normalization='pastiche'), pa, rtol=1e-5)
+  with pytest.raises(errors.UserError, match='unknown Gram normalization'):
+    losses.gram_loss(features=features, target=target, image=image, normalization='nope')
+
+
+def test_gram_custom_gradient_matches_autodiff(layer):
+  features, style = layer
+  probe = jnp.asarray(np.random.default_rng(5).standard_normal((4, 4)), jnp.float32)
+  plain = lambda f: jnp.sum((f.reshape(-1, 4).T @ f.reshape(-1, 4)) * probe)
+  ours = lambda f: jnp.sum(losses.gram(f) * probe)
+  np.testing.assert_allclose(jax.grad(ours)(jnp.asarray(features)),
+                             jax.grad(plain)(jnp.asarray(features)), rtol=1e-5, atol=1e-5)
+
+
+def test_total_variation_seed_form_by_hand(rng):
+  x = rng.uniform(0, 255, (5, 7, 3)).astype(np.float64)
+  expected = 0.0
+  for i in range(x.shape[0] - 1):
+    for j in range(x.shape[1] - 1):
+      a = (x[i, j] - x[i + 1, j]) ** 2
+      b = (x[i, j] - x[i, j + 1]) ** 2
+      expected += np.sum((a + b) ** 1.25)
+  got = losses.total_variation(image=jnp.asarray(x, jnp.float32), power=1.25)
+  np.testing.assert_allclose(got, expected, rtol=1e-4)
+  l2 = sum(np.sum((x[i, j] - x[i + 1, j]) ** 2 + (x[i, j] - x[i, j + 1]) ** 2)
+           for i in range(4) for j in range(6))
+  np.testing.assert_allclose(losses.total_variation_l2(image=jnp.asarray(x, jnp.float32)), l2,
+                             rtol=1e-4)
+  l1 = np.mean(np.abs(np.diff(x, axis=0))) + np.mean(np.abs(np.diff(x, axis=1)))
+  np.testing.assert_allclose(losses.total_variation_l1(image=jnp.asarray(x, jnp.float32)), l1,
+                             rtol=1e-4)
+
+
+def test_wasserstein_against_numpy_and_zero_at_target(layer):
+  features, style = layer
+  f = features.reshape(-1, 4).astype(np.float64)
+  s = style.reshape(-1, 4).astype(np.float64)
+  mf, ms = f.mean(0), s.mean(0)
+  cf = (f - mf).T @ (f - mf) / len(f)
+  cs = (s - ms).T @ (s - ms) / len(s)
+
+  def sqrtm(a):
+    values, vectors = np.linalg.eigh(a)
+    return (vectors * np.sqrt(np.maximum(values, 0))) @ vectors.T
+
+  root = sqrtm(cs)
+  expected = (np.sum((mf - ms) ** 2) + np.trace(cf) + np.trace(cs)
+              - 2 * np.trace(sqrtm(root @ cf @ root))) / 4
+  target = losses.mean_covariance_statistic(jnp.asarray(style))
+  np.testing.assert_allclose(losses.wasserstein(features=jnp.asarray(features), target=target),
+                             expected, rtol=1e-3, atol=1e-4)
+  assert abs(float(losses.wasserstein(features=jnp.asarray(style), target=target))) < 1e-3
+
+
+def test_mean_std_against_numpy(layer):
+  features, style = layer
+  f, s = features.reshape(-1, 4), style.reshape(-1, 4)
+  expected = (np.mean((f.mean(0) - s.mean(0)) ** 2)
+              + np.mean((np.sqrt(f.var(0) + 1e-5) - np.sqrt(s.var(0) + 1e-5)) ** 2))
+  target = losses.mean_std_statistic(jnp.asarray(style))
+  np.testing.assert_allclose(losses.mean_std(features=jnp.asarray(features), target=target),
+                             expected, rtol=1e-4)
+
+
+def test_masked_gram_uses_only_the_region(rng):
+  features = rng.standard_normal((8, 8, 3)).astype(np.float32)
+  mask = np.zeros((8, 8), np.float32)
+  mask[:, :4] = 1.0
+  got = losses.gram_statistic(jnp.asarray(features), mask=jnp.asarray(mask))
+  left = features[:, :4]
+  np.testing.assert_allclose(got, numpy_gram(left) / left[..., 0].size, rtol=1e-5)
+
+
+def test_total_weights_entries_styles_and_layers(rng):
+  feats = {'a': rng.standard_normal((4, 4, 2)).astype(np.float32),
+           'b': rng.standard_normal((2, 2, 2)).astype(np.float32)}
+  entries = (
+      losses.make_entry(name='content', term='content', layers=['a']),
+      losses.make_entry(name='style', term='gram', layers=['a', 'b'], layer_weights=[2.0, 3.0]),
+      losses.make_entry(name='tv', term='tv_l2'),
+  )
+  image = jnp.asarray(rng.uniform(0, 255, (8, 8, 3)), jnp.float32)
+  content_ref = {'a': rng.standard_normal((4, 4, 2)).astype(np.float32)}
+  style_refs = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in feats.items()}
+                for _ in range(2)]
+  content_targets = losses.targets(entries=entries, reference_features=content_ref,
+                                   reference='content')
+  style_targets = [losses.targets(entries=entries, reference_features=r, reference='style')
+                   for r in style_refs]
+  weights = {'content': 1.5, 'style': 10.0, 'tv': 0.1}
+  blend = jnp.asarray([0.25, 0.75])
+  got, parts = losses.total(image=image, features=feats, entries=entries, weights=weights,
+                            content_targets=content_targets, style_targets=style_targets,
+                            style_blend=blend)
+  expected_style = 0.0
+  for b, ref in zip([0.25, 0.75], style_refs):
+    for layer, lw in (('a', 2.0), ('b', 3.0)):
+      n, m = 2, feats[layer].shape[0] * feats[layer].shape[1]
+      expected_style += b * lw * np.sum(
+          (numpy_gram(feats[layer]) - numpy_gram(ref[layer])) ** 2) / (4 * n ** 2 * m ** 2)
+  np.testing.assert_allclose(parts['style'], 10.0 * expected_style, rtol=1e-4)
+  np.testing.assert_allclose(
+      parts['content'], 1.5 * 0.5 * np.sum((feats['a'] - content_ref['a']) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(got, sum(parts.values()), rtol=1e-6)
+
+
+def test_unknown_term_and_bad_layer_weights():
+  with pytest.raises(errors.UserError, match="unknown loss term 'gramm'.*gram"):
+    losses.lookup('gramm')
+  with pytest.raises(errors.UserError, match='2 layer weights for 1 layers'):
+    losses.make_entry(name='style', term='gram', layers=['a'], layer_weights=[1, 2])
+  with pytest.raises(errors.UserError, match='needs at least one layer'):
+    losses.make_entry(name='style', term='gram', layers=[])
+
+
+def test_a_term_from_outside_the_package_by_name(tmp_path):
+  """A researcher's own module and config, without editing nst_jax (README's recipe)."""
+  (tmp_path / 'my_terms.py').write_text(textwrap.dedent('''
+      import jax.numpy as jnp
+      from nst_jax import losses
+
+      @losses.term(reference='style', statistic=lambda f, **_: f.mean(axis=(0, 1)))
+      def channel_mean(*, features, target, **unused):
+        return jnp.sum((features.mean(axis=(0, 1)) - target) ** 2)
+      '''))
+  (tmp_path / 'my_config.py').write_text(textwrap.dedent('''
+      from configs import default
+
+      def get_config():
+        config = default.get_config()
+        config.losses.mean = {'term': 'my_terms:channel_mean', 'weight': 1e3,
+                              'layers': ('block1_relu1',), 'layer_weights': (), 'options': {}}
+        config.size = 32
+        config.steps = 4
+        config.chunk_size = 2
+        config.progress = 'lines'
+        config.compilation_cache = ''
+        return config
+      '''))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{root}')
+  result = subprocess.run(
+      [sys.executable, os.path.join(root, 'main.py'), f'--config={tmp_path}/my_config.py',
+       f'--workdir={tmp_path}/out'], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  log = (tmp_path / 'out' / 'losses.jsonl').read_text().splitlines()
+  assert '"mean"' in log[-1]  # the researcher's term was part of the total
+  assert (tmp_path / 'out' / 'result.png').exists()
