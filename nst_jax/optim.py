@@ -64,14 +64,18 @@ def uses_linesearch(name: str) -> bool:
 
 
 def init_state(optimizer: optax.GradientTransformationExtraArgs, image: jax.Array) -> dict:
-  """The optimisation state as a plain pytree: image, optimiser state, step, and a finite flag."""
-  return {'image': image, 'opt_state': optimizer.init(image),
+  """The optimisation state as a plain pytree.
+
+  ``image`` is the current image, ``last_finite`` the latest image whose loss was finite (what a
+  run keeps when the loss blows up), ``finite`` whether every loss so far was finite.
+  """
+  return {'image': image, 'last_finite': image, 'opt_state': optimizer.init(image),
           'step': jnp.zeros((), jnp.int32), 'finite': jnp.ones((), bool)}
 
 
 def step(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransformationExtraArgs,
          linesearch: bool) -> tuple[dict, jax.Array]:
-  """One optimisation step; a non-finite loss leaves the image unchanged and clears ``finite``.
+  """One optimisation step; a non-finite loss restores ``last_finite`` and clears ``finite``.
 
   Args:
     state: from :func:`init_state`.
@@ -92,8 +96,11 @@ def step(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransformatio
   new_image = optax.apply_updates(image, updates)
   finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(new_image))
   keep = lambda new, old: jnp.where(finite, new, old)
+  # `image` was just evaluated: if its loss is finite it becomes the image to fall back to.
+  last_finite = jnp.where(jnp.isfinite(value), image, state['last_finite'])
   new_state = {
-      'image': keep(new_image, image),
+      'image': keep(new_image, last_finite),
+      'last_finite': last_finite,
       'opt_state': jax.tree.map(keep, new_opt_state, opt_state),
       'step': state['step'] + finite.astype(jnp.int32),
       'finite': state['finite'] & finite,

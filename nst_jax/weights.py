@@ -5,7 +5,7 @@ The project keeps pretrained weights in one format, a NumPy ``.npz`` archive wit
 * ``meta/network``: ``"vgg19"`` or ``"vgg16"``.
 * ``meta/channel_order``: ``"BGR"`` (Caffe/Keras) or ``"RGB"`` (torchvision, MatConvNet): the order
   of the first layer's input channels.
-* ``meta/mean`` and ``meta/std``: float32 (3,), in the network's channel order and in 0-255 pixel
+* ``meta/mean`` and ``meta/std``: float64 (3,), in the network's channel order and in 0-255 pixel
   units. The network sees ``(pixel - mean) / std``.
 * ``<layer>/bias``: float32 (out,).
 * ``<layer>/kernel``: float32 (3, 3, in, out) (HWIO, cross-correlation), or a quantised kernel:
@@ -29,7 +29,7 @@ import numpy as np
 from nst_jax import errors
 from nst_jax import files
 
-# (name, in_channels, out_channels) of every 3x3 convolution, in order; a 2x2 pool ends each block.
+# (channels, convolutions) of each block; a 2x2 pool ends each block.
 _VGG19_BLOCKS = ((64, 2), (128, 2), (256, 4), (512, 4), (512, 4))
 _VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
@@ -201,8 +201,12 @@ def load(path: str | None = None, *, network: str = 'vgg19') -> VggWeights:
     params[layer] = {'kernel': kernel, 'bias': bias}
   preprocessing = Preprocessing(
       channel_order=str(arrays.get('meta/channel_order', 'BGR')),
-      mean=tuple(float(v) for v in arrays.get('meta/mean', CAFFE_MEAN_BGR)),
-      std=tuple(float(v) for v in arrays.get('meta/std', (1.0, 1.0, 1.0))))
+      mean=tuple(float(v) for v in np.ravel(arrays.get('meta/mean', CAFFE_MEAN_BGR))),
+      std=tuple(float(v) for v in np.ravel(arrays.get('meta/std', (1.0, 1.0, 1.0)))))
+  for name, values in (('mean', preprocessing.mean), ('std', preprocessing.std)):
+    if len(values) != 3 or not np.all(np.isfinite(values)) or (name == 'std' and min(values) <= 0):
+      raise errors.UserError(f'weights file {path!r}: meta/{name} is {values}; expected three '
+                             'finite numbers (std positive)')
   if preprocessing.channel_order not in ('BGR', 'RGB'):
     raise errors.UserError(f'weights file {path!r}: meta/channel_order is '
                            f'{preprocessing.channel_order!r}, expected "BGR" or "RGB"')
