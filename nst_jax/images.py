@@ -29,7 +29,8 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     # 16-bit (or 32-bit integer) grayscale: scale the full range to 0-255 rather than clip.
     values = np.asarray(image, dtype=np.float64)
     peak = 65535.0 if mode.startswith('I;16') or values.max() > 255 else 255.0
-    gray = (values / peak * 255.0).astype(np.float32)
+    # 32-bit files may hold values beyond 16 bits (or negative ones): keep the 0-255 contract.
+    gray = np.clip(values / peak * 255.0, 0.0, 255.0).astype(np.float32)
     return np.repeat(gray[..., None], 3, axis=-1)
   if mode == 'F':
     gray = np.clip(np.asarray(image, dtype=np.float32), 0, 255)
@@ -63,9 +64,13 @@ def load(path: str, *, what: str = 'image') -> np.ndarray:
     raise errors.UserError(f'{what} {path!r} is a directory; give an image file')
   if os.path.getsize(path) == 0:
     raise errors.UserError(f'{what} {path!r} is an empty file; give a PNG or JPEG image')
+  # Pillow's own bomb guard (about 89 megapixels, an error at twice that) would refuse 100 MP
+  # camera photos long before MAX_INPUT_PIXELS: raise it to ours while this file is opened.
+  pillow_limit = Image.MAX_IMAGE_PIXELS
+  Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
   try:
     with warnings.catch_warnings():
-      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
       with Image.open(path) as image:
         width, height = image.size
         if width * height > MAX_INPUT_PIXELS:
@@ -85,6 +90,8 @@ def load(path: str, *, what: str = 'image') -> np.ndarray:
   except (OSError, SyntaxError, ValueError) as exc:
     raise errors.UserError(f'{what} {path!r} cannot be decoded ({exc}); the file is truncated or '
                            'corrupt: re-export or re-download it') from None
+  finally:
+    Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def fit_size(height: int, width: int, *, size: int, square: bool = False) -> tuple[int, int]:

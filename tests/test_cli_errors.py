@@ -1,0 +1,199 @@
+"""Bad input on the command line: `python main.py ...` must fail with one line, never a traceback.
+
+Every case runs the real command in a subprocess (cwd = the repository root) with tiny valid images
+for the fields not under test, and fails before optimisation starts, so each costs about one JAX
+import. The cases run concurrently (one process per CPU core) as soon as the first is needed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nst_jax import errors
+from nst_jax import weights
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TIMEOUT_S = 240
+#: absl/glog log lines (``I0101 12:00:00.000000 ...``) that JAX may print when it starts a backend.
+_LOG_LINE = re.compile(r'^[IWE]\d{4} \d\d:\d\d:\d\d')
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One command line: flags (``{name}`` fills in a path of :func:`_inputs`) and the outcome.
+
+  Attributes:
+    name: the test id.
+    flags: ``--flag=value`` overrides of the defaults in :func:`_command` (same flag: replaced).
+    expect: substrings the one error line must contain (all of them).
+    status: the expected exit status; 0 means the run must succeed.
+    positional: extra positional arguments.
+    outputs: for a successful run, files (relative to the workdir) that must exist.
+  """
+
+  name: str
+  flags: tuple[str, ...] = ()
+  expect: tuple[str, ...] = ()
+  status: int = errors.EXIT_USER_ERROR
+  positional: tuple[str, ...] = ()
+  outputs: tuple[str, ...] = ()
+
+
+_VALID_LAYERS = ('block1_conv1', 'block1_relu1', 'block5_relu4', 'block5_pool')
+
+CASES = (
+    Case('missing_content', ('--config.content_image={missing}',),
+         ("content image '{missing}'", 'does not exist')),
+    Case('directory_content', ('--config.content_image={directory}',),
+         ("content image '{directory}'", 'directory')),
+    Case('empty_content', ('--config.content_image={empty}',), ("content image '{empty}'", 'empty')),
+    Case('truncated_jpeg', ('--config.content_image={truncated_jpeg}',),
+         ("content image '{truncated_jpeg}'", 'truncated')),
+    Case('text_named_png_style', ('--config.style_images={content},{text_png}',),
+         ("style image 2 '{text_png}'", 'not an image')),
+    Case('size_too_small', ('--config.size=16',), ('--config.size=16', 'at least 32')),
+    Case('size_zero', ('--config.size=0',), ('--config.size=0', 'at least 32')),
+    Case('size_negative', ('--config.size=-5',), ('--config.size=-5', 'at least 32')),
+    Case('size_absurd', ('--config.size=1000000',), ('--config.size=1000000', '16384')),
+    Case('unknown_layer', ("--config.losses.style.layers=('block1_relu1', 'block9_relu1')",),
+         ("'block9_relu1'", 'valid layers', *_VALID_LAYERS)),
+    Case('unknown_content_layer', ("--config.losses.content.layers=('conv4_2',)",),
+         ("'conv4_2'", 'valid layers', *_VALID_LAYERS)),
+    Case('unknown_loss_term', ('--config.losses.style.term=gramm',),
+         ("'gramm'", 'gram', 'wasserstein', 'module:function')),
+    Case('unknown_optimizer', ('--config.optimizer=sgd',), ("'sgd'", 'lbfgs_fixed', 'adam')),
+    Case('unknown_pooling', ('--config.pooling=min',), ("'min'", 'max', 'avg')),
+    Case('unknown_network', ('--config.network=resnet50',), ("'resnet50'", 'vgg19', 'vgg16')),
+    Case('weights_of_other_network', ('--config.weights={vgg16_weights}',),
+         ("'{vgg16_weights}'", 'VGG16', 'VGG19', '--config.network=vgg16')),
+    Case('weights_wrong_shape', ('--config.weights={wrong_shape_weights}',),
+         ("'{wrong_shape_weights}'", 'block3_conv2/kernel', '(3, 3, 256, 128)', '(3, 3, 256, 256)')),
+    Case('weights_not_a_weights_file', ('--config.weights={text_npz}',),
+         ("'{text_npz}'", 'not an nst_jax weights file')),
+    Case('weights_npz_without_meta', ('--config.weights={plain_npz}',),
+         ("'{plain_npz}'", 'meta/network')),
+    Case('weights_missing', ('--config.weights={missing}',), ("'{missing}'", 'does not exist')),
+    Case('mask_count_mismatch', ('--config.style_masks={mask},{mask}',),
+         ('2 style masks for 1 style images',)),
+    Case('mask_wrong_aspect', ('--config.style_masks={wide_mask}',),
+         ("style mask 1 '{wide_mask}'", '80x40', '40x40', 'aspect')),
+    Case('workdir_is_a_file', ('--workdir={regular_file}',),
+         ("'{regular_file}'", 'not a directory')),
+    Case('unknown_output_extension', ('--config.output=result.xyz',),
+         ("'result.xyz'", '.png', '.jpg')),
+    Case('unknown_batch_over', ('--config.batch_over=nope',), ("'nope'", 'style', 'content')),
+    Case('stray_positional_argument', positional=('foo',), status=1),
+    # A result in folders that do not exist yet: created, and the run succeeds (0 steps: quick).
+    Case('output_in_new_folder',
+         ('--workdir={tmp}/new/deeper', '--config.output=images/result.png',
+          '--config.steps=0', '--config.size=32'),
+         status=0, outputs=('images/result.png', 'grid.png')),
+)
+
+
+def _inputs(folder: str) -> dict[str, str]:
+  """Writes every input file the cases name (tiny, valid unless meant not to be); returns paths."""
+  rng = np.random.default_rng(0)
+  paths = {name: os.path.join(folder, file) for name, file in (
+      ('content', 'content.png'), ('style', 'style.png'), ('mask', 'mask.png'),
+      ('wide_mask', 'wide_mask.png'), ('missing', 'missing.png'), ('directory', 'a_folder.png'),
+      ('empty', 'empty.png'), ('truncated_jpeg', 'truncated.jpg'), ('text_png', 'notes.png'),
+      ('vgg16_weights', 'vgg16.npz'), ('wrong_shape_weights', 'wrong_shape.npz'),
+      ('text_npz', 'notes.npz'), ('plain_npz', 'plain.npz'), ('regular_file', 'a_file'))}
+  paths['tmp'] = folder
+
+  def noise(height: int, width: int) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+  noise(40, 40).save(paths['content'])
+  noise(40, 40).save(paths['style'])
+  Image.new('L', (40, 40), 255).save(paths['mask'])
+  Image.new('L', (80, 40), 255).save(paths['wide_mask'])
+  os.mkdir(paths['directory'])
+  open(paths['empty'], 'wb').close()
+  whole = os.path.join(folder, 'whole.jpg')
+  noise(64, 64).save(whole, quality=95)
+  with open(whole, 'rb') as handle:
+    data = handle.read()
+  with open(paths['truncated_jpeg'], 'wb') as handle:
+    handle.write(data[:len(data) // 2])
+  for name in ('text_png', 'text_npz', 'regular_file'):
+    with open(paths[name], 'w') as handle:
+      handle.write('just some text\n')
+  vgg16 = weights.random_weights(network='vgg16')
+  weights.save(paths['vgg16_weights'], network='vgg16', layers=vgg16.params,
+               preprocessing=weights.Preprocessing())
+  vgg19 = weights.random_weights(network='vgg19')
+  params = dict(vgg19.params)
+  params['block3_conv2'] = {'kernel': np.zeros((3, 3, 256, 128), np.float32),
+                            'bias': params['block3_conv2']['bias']}
+  weights.save(paths['wrong_shape_weights'], network='vgg19', layers=params,
+               preprocessing=weights.Preprocessing())
+  np.savez(paths['plain_npz'], kernel=np.zeros((3, 3, 3, 64), np.float32))
+  return paths
+
+
+def _command(case: Case, paths: dict[str, str], workdir: str) -> list[str]:
+  flags = {'--workdir': workdir, '--config.compilation_cache': '',
+           '--config.content_image': paths['content'], '--config.style_images': paths['style'],
+           '--config.progress': 'none'}
+  for flag in case.flags:
+    name, _, value = flag.partition('=')
+    flags[name] = value.format(**paths)
+  return [sys.executable, 'main.py', *case.positional,
+          *(f'{name}={value}' for name, value in flags.items())]
+
+
+def _run(case: Case, paths: dict[str, str], workdir: str) -> subprocess.CompletedProcess:
+  return subprocess.run(_command(case, paths, workdir), cwd=_REPO, capture_output=True, text=True,
+                        timeout=_TIMEOUT_S, check=False)
+
+
+@pytest.fixture(scope='module')
+def launched(request, tmp_path_factory):
+  """Starts every selected case at once (a few in parallel); maps case names to futures."""
+  selected = [item.callspec.params['case'] for item in request.session.items
+              if getattr(item, 'originalname', None) == 'test_cli_error']
+  paths = _inputs(str(tmp_path_factory.mktemp('inputs')))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) + 1) as pool:
+    futures = {case.name: pool.submit(_run, case, paths,
+                                      str(tmp_path_factory.mktemp('workdir') / case.name))
+               for case in selected}
+    # The fast error cases first: the successful run (the only one that compiles) goes last.
+    yield paths, futures
+    for future in futures.values():
+      future.cancel()
+
+
+@pytest.mark.parametrize('case', sorted(CASES, key=lambda case: case.status == 0),
+                         ids=lambda case: case.name)
+def test_cli_error(case, launched):
+  paths, futures = launched
+  result = futures[case.name].result()
+  described = f'{_command(case, paths, "WORKDIR")}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}'
+  assert 'Traceback' not in result.stderr + result.stdout, described
+  assert result.returncode == case.status, described
+  lines = [line for line in result.stderr.splitlines()
+           if line.strip() and not _LOG_LINE.match(line)]
+  if case.status == 0:
+    assert not any(line.startswith('error:') for line in lines), described
+    workdir = case.flags[0].partition('=')[2].format(**paths)
+    for output in case.outputs:
+      assert os.path.isfile(os.path.join(workdir, output)), described
+    return
+  if case.positional:  # absl's usage error: the help text, then the complaint
+    assert 'unexpected arguments' in result.stderr + result.stdout, described
+    return
+  assert len(lines) == 1, described
+  assert lines[0].startswith('error: '), described
+  for expected in case.expect:
+    assert expected.format(**paths) in lines[0], described

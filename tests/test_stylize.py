@@ -1,0 +1,289 @@
+"""The pipeline end to end on tiny images: real weights, resume, batches, sharding, controls."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import default
+from nst_jax import color
+from nst_jax import images
+from nst_jax import losses
+from nst_jax import stylize
+from nst_jax import weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHALLOW_STYLE = ('block1_relu1', 'block2_relu1', 'block3_relu1')
+
+
+def tiny_config(tmp_path, **overrides):
+  """The default config shrunk: 32-48 px, shallow layers, a few steps, no cache, no bar."""
+  config = default.get_config()
+  config.size = 40
+  config.steps = 6
+  config.chunk_size = 3
+  config.checkpoint_every = 3
+  config.progress = 'none'
+  config.compilation_cache = ''
+  config.losses.content.layers = ('block2_relu2',)
+  config.losses.style.layers = SHALLOW_STYLE
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def write_image(path, pixels):
+  Image.fromarray(np.asarray(pixels, np.uint8)).save(path)
+  return str(path)
+
+
+def final_losses(workdir):
+  lines = open(os.path.join(workdir, 'losses.jsonl')).read().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+def test_real_weights_style_loss_falls_and_content_stays(tmp_path):
+  config = tiny_config(tmp_path, size=64, steps=40, chunk_size=20)
+  config.losses.content.layers = ('block4_relu2',)
+  config.losses.style.layers = ('block1_relu1', 'block2_relu1', 'block3_relu1', 'block4_relu1',
+                                'block5_relu1')
+  workdir = str(tmp_path / 'run')
+  paths = stylize.run(config, workdir)
+  records = final_losses(workdir)
+  assert len(records) == 40
+  first, last = records[0]['loss'][0], records[-1]['loss'][0]
+  assert last < first / 10, (first, last)
+  result = images.load(paths[0])
+  content = images.resize(images.load(stylize.example_path(stylize.DEFAULT_CONTENT)),
+                          *result.shape[:2])
+  # Recognisable: the result still correlates with the content's luminance.
+  corr = np.corrcoef(color.rgb_to_yiq(result)[..., 0].ravel(),
+                     color.rgb_to_yiq(content)[..., 0].ravel())[0, 1]
+  assert corr > 0.5, corr
+  assert np.abs(result - content).mean() > 5  # and it did change
+  for name in ('grid.png', 'loss_curve.png', 'losses.jsonl', 'checkpoint.npz'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+
+
+@pytest.mark.parametrize('optimizer', ['lbfgs_fixed', 'lbfgs'])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, optimizer):
+  full = tiny_config(tmp_path, optimizer=optimizer, init='gaussian', seed=3)
+  stylize.run(full, str(tmp_path / 'full'))
+  half = tiny_config(tmp_path, optimizer=optimizer, init='gaussian', seed=3, steps=3)
+  stylize.run(half, str(tmp_path / 'resumed'))
+  resumed = tiny_config(tmp_path, optimizer=optimizer, init='gaussian', seed=3, resume=True)
+  stylize.run(resumed, str(tmp_path / 'resumed'))
+  a = images.load(str(tmp_path / 'full' / 'result.png'))
+  b = images.load(str(tmp_path / 'resumed' / 'result.png'))
+  np.testing.assert_array_equal(a, b)
+  assert [r['step'] for r in final_losses(str(tmp_path / 'resumed'))] == list(range(1, 7))
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+  stylize.run(tiny_config(tmp_path, steps=3), str(tmp_path / 'run'))
+  with pytest.raises(stylize.errors.UserError, match='another config'):
+    stylize.run(tiny_config(tmp_path, resume=True, size=48), str(tmp_path / 'run'))
+
+
+def test_batch_over_a_weight_equals_separate_runs(tmp_path):
+  batch = tiny_config(tmp_path, batch_over='style_weight', batch_values='10,1e4')
+  paths = stylize.run(batch, str(tmp_path / 'batch'))
+  assert os.path.basename(paths[0]) == 'result_0.png'
+  for index, weight in enumerate((10.0, 1e4)):
+    single = tiny_config(tmp_path, style_weight=weight)
+    stylize.run(single, str(tmp_path / f'single{index}'))
+    a = images.load(str(tmp_path / 'batch' / f'result_{index}.png'))
+    b = images.load(str(tmp_path / f'single{index}' / 'result.png'))
+    # Float reassociation under vmap, amplified a little by L-BFGS, then rounding to uint8.
+    assert np.abs(a - b).mean() < 0.25 and np.abs(a - b).max() <= 8.0, index
+  different = images.load(str(tmp_path / 'batch' / 'result_0.png')) - images.load(
+      str(tmp_path / 'batch' / 'result_1.png'))
+  assert np.abs(different).mean() > 1.0
+
+
+def test_batch_over_styles_and_contents(tmp_path):
+  rng = np.random.default_rng(0)
+  styles = [write_image(tmp_path / f's{i}.png', rng.integers(0, 255, (50, 40, 3)))
+            for i in range(3)]
+  config = tiny_config(tmp_path, style_images=','.join(styles), batch_over='style', steps=3)
+  paths = stylize.run(config, str(tmp_path / 'styles'))
+  assert [os.path.basename(p) for p in paths[:3]] == ['result_0.png', 'result_1.png',
+                                                      'result_2.png']
+  grid = images.load(str(tmp_path / 'styles' / 'grid.png'))
+  assert grid.shape[0] > 3 * 30  # one row per batch element
+  contents = [write_image(tmp_path / f'c{i}.png', rng.integers(0, 255, (40, 40, 3)))
+              for i in range(2)]
+  config = tiny_config(tmp_path, content_image=','.join(contents), batch_over='content', steps=3)
+  paths = stylize.run(config, str(tmp_path / 'contents'))
+  assert os.path.exists(paths[1])
+
+
+def test_sharded_batch_on_four_cpu_devices_equals_one_device(tmp_path):
+  script = f'''
+import sys, numpy as np, jax
+sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+from test_stylize import tiny_config
+from nst_jax import stylize
+import pathlib
+config = tiny_config(pathlib.Path(sys.argv[1]), batch_over='seed', batch_values='1,2,3,4',
+                     init='gaussian')
+prepared = stylize.prepare(config)
+out = stylize.optimize(prepared, config, workdir=sys.argv[1])
+np.save(sys.argv[1] + '/images.npy', out.images)
+print(jax.device_count())
+'''
+  results = []
+  for devices in (4, 1):
+    workdir = tmp_path / f'd{devices}'
+    workdir.mkdir()
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               JAX_PLATFORMS='cpu')
+    done = subprocess.run([sys.executable, '-c', script, str(workdir)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == str(devices)
+    results.append(np.load(workdir / 'images.npy'))
+  assert results[0].shape == (4, 40, 40, 3)
+  # L-BFGS amplifies float reassociation a little; pixels are 0-255.
+  np.testing.assert_allclose(results[0], results[1], atol=0.5)
+
+
+def test_multiscale_ends_at_the_requested_size(tmp_path):
+  config = tiny_config(tmp_path, size=48, scales=2, scale_factor=1.5, steps=3, coarse_steps=3)
+  paths = stylize.run(config, str(tmp_path / 'ms'))
+  assert images.load(paths[0]).shape == (48, 48, 3)
+  records = final_losses(str(tmp_path / 'ms'))
+  assert sorted({r['scale'] for r in records}) == [0, 1]
+
+
+def test_remat_and_bfloat16_match_the_plain_loss(tmp_path):
+  base = tiny_config(tmp_path, init='gaussian')  # away from the content, so no term is ~0
+  prepared = stylize.prepare(base)
+  problems = stylize.build_problems(prepared, base, 40, 40)
+  image = stylize.initial_images(prepared, base, 40, 40)
+  plain = stylize.loss_parts(image, prepared.net, problems, spec=prepared.spec)
+  for overrides, tolerance in (({'remat': True}, 1e-5), ({'compute_dtype': 'bfloat16'}, 5e-2)):
+    config = tiny_config(tmp_path, **overrides)
+    other = stylize.prepare(config)
+    got = stylize.loss_parts(image, other.net, stylize.build_problems(other, config, 40, 40),
+                             spec=other.spec)
+    for name in plain:
+      np.testing.assert_allclose(got[name], plain[name], rtol=tolerance, atol=1e-3)
+
+
+def test_luminance_only_keeps_the_content_chroma(tmp_path):
+  config = tiny_config(tmp_path, preserve_color='luminance', steps=6, style_weight=1e5)
+  paths = stylize.run(config, str(tmp_path / 'lum'))
+  result = images.load(paths[0])
+  content = images.resize(images.load(stylize.example_path(stylize.DEFAULT_CONTENT)), 40, 40)
+  result_iq, content_iq = color.rgb_to_yiq(result)[..., 1:], color.rgb_to_yiq(content)[..., 1:]
+  # Chroma unchanged except where clipping to 0-255 bites; luminance changed.
+  assert np.median(np.abs(result_iq - content_iq)) < 2.0
+  assert np.abs(color.rgb_to_yiq(result)[..., 0] - color.rgb_to_yiq(content)[..., 0]).mean() > 3
+
+
+def test_histogram_matching_gives_the_style_the_content_colours(rng):
+  style = rng.uniform(0, 255, (30, 30, 3)) * np.array([1.0, 0.3, 0.1])
+  content = rng.uniform(0, 255, (20, 20, 3)) * np.array([0.2, 0.5, 0.9]) + 10
+  matched = color.match_histogram(style, reference=content)
+  np.testing.assert_allclose(matched.reshape(-1, 3).mean(0), content.reshape(-1, 3).mean(0),
+                             atol=1.5)
+  np.testing.assert_allclose(np.cov(matched.reshape(-1, 3), rowvar=False),
+                             np.cov(content.reshape(-1, 3), rowvar=False), rtol=0.1, atol=20)
+
+
+def test_style_blend_and_scale_change_the_targets(tmp_path):
+  rng = np.random.default_rng(1)
+  a = write_image(tmp_path / 'a.png', rng.integers(0, 255, (40, 40, 3)))
+  b = write_image(tmp_path / 'b.png', np.full((40, 40, 3), 90))
+  config = tiny_config(tmp_path, style_images=f'{a},{b}', style_blend_weights='3,1')
+  prepared = stylize.prepare(config)
+  np.testing.assert_allclose(prepared.style_blend[0], [0.75, 0.25])
+  small = tiny_config(tmp_path, style_images=a, style_scale=0.5)
+  _, styles = stylize._style_inputs(stylize.prepare(small), 0, small, 40, 40)
+  assert styles[0].shape[:2] == (32, 32)  # half of 40, at least the 32 px minimum
+
+
+def test_masked_region_moves_toward_its_own_style_only(tmp_path):
+  rng = np.random.default_rng(2)
+  red = np.zeros((40, 40, 3)) + [220, 30, 30] + rng.normal(0, 30, (40, 40, 3))
+  blue = np.zeros((40, 40, 3)) + [30, 30, 220] + rng.normal(0, 30, (40, 40, 3))
+  red_path = write_image(tmp_path / 'red.png', red.clip(0, 255))
+  blue_path = write_image(tmp_path / 'blue.png', blue.clip(0, 255))
+  left = np.zeros((40, 40, 3))
+  left[:, :20] = 255
+  left_mask = write_image(tmp_path / 'left.png', left)
+  right_mask = write_image(tmp_path / 'right.png', 255 - left)
+  gray = write_image(tmp_path / 'gray.png', np.full((40, 40, 3), 128) + rng.normal(0, 5, (40, 40, 3)))
+  config = tiny_config(tmp_path, content_image=gray, style_images=f'{red_path},{blue_path}',
+                       style_masks=f'{left_mask},{right_mask}', steps=30, chunk_size=10,
+                       style_weight=1e6, content_weight=1e-3, optimizer='lbfgs')
+  config.losses.style.layers = ('block1_relu1', 'block2_relu1')
+  paths = stylize.run(config, str(tmp_path / 'masked'))
+  result = images.load(paths[0])
+  left_half, right_half = result[:, :16].reshape(-1, 3), result[:, 24:].reshape(-1, 3)
+  assert left_half[:, 0].mean() > left_half[:, 2].mean() + 20  # red region
+  assert right_half[:, 2].mean() > right_half[:, 0].mean() + 20  # blue region
+
+
+def test_keras_vgg16_preset_end_to_end_with_random_weights(tmp_path):
+  random16 = weights.random_weights(network='vgg16', seed=0)
+  path = str(tmp_path / 'vgg16.npz')
+  weights.save(path, network='vgg16', layers=random16.params,
+               preprocessing=random16.preprocessing)
+  done = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/keras_vgg16.py', f'--config.weights={path}',
+       '--config.size=32', '--config.steps=4', '--config.chunk_size=2',
+       '--config.compilation_cache=', f'--workdir={tmp_path}/out'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  result = images.load(str(tmp_path / 'out' / 'result.png'))
+  assert result.shape == (32, 32, 3)  # square, as the tutorial
+  assert 'step 2/4' in done.stderr and 'step 4/4' in done.stderr  # the loss every round
+  missing = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/keras_vgg16.py', f'--workdir={tmp_path}/x'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert missing.returncode == 2
+  assert 'python -m nst_jax.convert' in missing.stderr and 'Traceback' not in missing.stderr
+
+
+def test_sigint_stops_cleanly_keeping_the_last_image_and_a_checkpoint(tmp_path):
+  workdir = tmp_path / 'run'
+  process = subprocess.Popen(
+      [sys.executable, 'main.py', '--config.size=48', '--config.steps=100000',
+       '--config.chunk_size=2', '--config.progress=lines', '--config.compilation_cache=',
+       "--config.losses.style.layers=('block1_relu1',)",
+       "--config.losses.content.layers=('block2_relu1',)", f'--workdir={workdir}'],
+      cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  for line in process.stderr:
+    if 'step 4/' in line or time.time() > deadline:
+      break
+  process.send_signal(signal.SIGINT)
+  _, rest = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGINT
+  assert 'Traceback' not in rest and 'resume' in rest
+  assert images.load(str(workdir / 'result.png')).shape == (48, 48, 3)
+  assert (workdir / 'checkpoint.npz').exists()
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_finite_image(tmp_path):
+  done = subprocess.run(
+      [sys.executable, 'main.py', '--config.size=32', '--config.steps=20',
+       '--config.chunk_size=5', '--config.optimizer=adam', '--config.learning_rate=1e38',
+       '--config.compilation_cache=', f'--workdir={tmp_path}/out'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr
+  assert 'non-finite' in done.stderr and 'Traceback' not in done.stderr
+  result = images.load(str(tmp_path / 'out' / 'result.png'))
+  assert np.isfinite(result).all()
