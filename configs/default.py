@@ -10,7 +10,7 @@ Override any field, e.g. your own images and a stronger style:
       --config.style_images=painting.jpg --config.style_weight=1e4 --config.size=512
 
 It writes runs/default/result.png, grid.png (content | style | result), losses.jsonl (one JSON
-object per step), loss_curve.png and checkpoint.npz, and takes about two minutes on a 2-core CPU.
+object per step), loss_curve.png and checkpoint.msgpack, and takes about two minutes on a 2-core CPU.
 """
 
 import ml_collections
@@ -150,7 +150,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.save_every = 0
   # Save the resumable state (image, optimiser state, step) every k steps (0: only at the end).
   config.checkpoint_every = 100
-  # Continue from --workdir/checkpoint.npz if it exists (same config).
+  # Continue from --workdir/checkpoint.msgpack if it exists (same config).
   config.resume = False
   # Progress display: 'auto' (a bar on a terminal, log lines otherwise), 'bar', 'lines', 'none'.
   config.progress = 'auto'

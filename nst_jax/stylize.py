@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nst_jax import color
@@ -45,7 +46,7 @@ INITS = ('content', 'style', 'uniform', 'gaussian')
 MIN_SIZE = 32
 #: Largest output side accepted at all (memory is checked separately).
 MAX_SIZE = 16384
-CHECKPOINT = 'checkpoint.npz'
+CHECKPOINT = 'checkpoint.msgpack'
 LOSS_LOG = 'losses.jsonl'
 
 
@@ -558,36 +559,33 @@ class Outcome:
 
 def _save_checkpoint(path: str, *, state: dict, scale: int, fingerprint: str,
                      records: list[dict]) -> None:
-  leaves = jax.tree.leaves(jax.device_get(state))
-  arrays = {f'leaf_{i:04d}': np.asarray(leaf) for i, leaf in enumerate(leaves)}
-  arrays['scale'] = np.asarray(scale)
-  arrays['fingerprint'] = np.asarray(fingerprint)
-  arrays['records'] = np.asarray(json.dumps(records))
-  with files.atomic_write(path) as handle:
-    np.savez(handle, **arrays)
+  """Writes the resumable state (flax msgpack of the state pytree), atomically."""
+  payload = {'state': serialization.to_state_dict(jax.device_get(state)), 'scale': scale,
+             'fingerprint': fingerprint, 'records': json.dumps(records)}
+  files.write_bytes(path, serialization.msgpack_serialize(payload))
 
 
 def _load_checkpoint(path: str, *, template_for: Callable[[int], Any], fingerprint: str
                      ) -> tuple[dict, int, list[dict]]:
-  """Reads a checkpoint; ``template_for(scale)`` gives the state's tree structure at a scale."""
+  """Reads a checkpoint; ``template_for(scale)`` gives the state's structure at a scale."""
   try:
-    with np.load(path, allow_pickle=False) as archive:
-      if str(archive['fingerprint']) != fingerprint:
-        raise errors.UserError(f'checkpoint {path!r} was made with another config; run with the '
-                               'same config, or without --config.resume to start afresh')
-      count = len([k for k in archive.files if k.startswith('leaf_')])
-      leaves = [archive[f'leaf_{i:04d}'] for i in range(count)]
-      scale = int(archive['scale'])
-      records = json.loads(str(archive['records']))
-  except (OSError, ValueError, KeyError) as exc:
-    raise errors.UserError(f'checkpoint {path!r} cannot be read ({exc}); delete it or run '
-                           'without --config.resume') from None
-  template = template_for(scale)
-  if jax.tree.structure(template).num_leaves != len(leaves) or any(
-      leaf.shape != t.shape for leaf, t in zip(leaves, jax.tree.leaves(template))):
+    with open(path, 'rb') as handle:
+      payload = serialization.msgpack_restore(handle.read())
+    if payload['fingerprint'] != fingerprint:
+      raise errors.UserError(f'checkpoint {path!r} was made with another config; run with the '
+                             'same config, or without --config.resume to start afresh')
+    scale = int(payload['scale'])
+    records = json.loads(payload['records'])
+    template = template_for(scale)
+    state = serialization.from_state_dict(template, payload['state'])
+  except (OSError, ValueError, KeyError, TypeError) as exc:
+    raise errors.UserError(f'checkpoint {path!r} cannot be read or does not match this config '
+                           f'({exc}); delete it or run without --config.resume') from None
+  if any(np.shape(leaf) != t.shape for leaf, t in zip(jax.tree.leaves(state),
+                                                       jax.tree.leaves(template))):
     raise errors.UserError(f'checkpoint {path!r} does not match this config; delete it or run '
                            'without --config.resume')
-  return jax.tree.unflatten(jax.tree.structure(template), leaves), scale, records
+  return state, scale, records
 
 
 def optimize(prepared: Prepared, config, *, workdir: str,

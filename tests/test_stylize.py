@@ -71,7 +71,7 @@ def test_real_weights_style_loss_falls_and_content_stays(tmp_path):
                      color.rgb_to_yiq(content)[..., 0].ravel())[0, 1]
   assert corr > 0.5, corr
   assert np.abs(result - content).mean() > 5  # and it did change
-  for name in ('grid.png', 'loss_curve.png', 'losses.jsonl', 'checkpoint.npz'):
+  for name in ('grid.png', 'loss_curve.png', 'losses.jsonl', 'checkpoint.msgpack'):
     assert os.path.exists(os.path.join(workdir, name)), name
 
 
@@ -274,7 +274,7 @@ def test_sigint_stops_cleanly_keeping_the_last_image_and_a_checkpoint(tmp_path):
   assert process.returncode == 128 + signal.SIGINT
   assert 'Traceback' not in rest and 'resume' in rest
   assert images.load(str(workdir / 'result.png')).shape == (48, 48, 3)
-  assert (workdir / 'checkpoint.npz').exists()
+  assert (workdir / 'checkpoint.msgpack').exists()
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_finite_image(tmp_path):

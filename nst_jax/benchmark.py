@@ -1,0 +1,354 @@
+r"""Speed and memory figures of nst_jax, optionally side by side with the PyTorch peer (pastiche).
+
+  python -m nst_jax.benchmark                       # steps at 128/256/512 px, remat/bf16, batches
+  python -m nst_jax.benchmark --sizes=512,1024,2048 --batches=1,2,4,8 --batch_px=256   # a GPU
+  python -m nst_jax.benchmark --torch_python=/path/to/venv/bin/python --e2e   # against pastiche
+
+The loss is pastiche's (configs/pastiche.py), so both sides do the same work. Figures:
+
+* step: compile seconds, then the median seconds per forward+backward (one loss-and-gradient
+  evaluation) and per fixed-step L-BFGS step inside a compiled chunk; XLA's planned memory
+  (arguments + temporaries) of the L-BFGS chunk; with --torch_python, pastiche's seconds per
+  forward+backward on the same pixels and the ratio.
+* variants: remat and bfloat16 against the plain step: time and planned memory.
+* batch: N problems vmapped in one program against N sequential runs (throughput ratio).
+* largest: the largest square image whose L-BFGS chunk XLA plans within --memory_gib, per variant
+  (compiled, not run).
+* e2e (--e2e with --torch_python): pastiche's 200 L-BFGS steps at 256 px, then nst_jax on the same
+  pixels; the wall time nst_jax needs to reach pastiche's final loss.
+* On a GPU, the achieved FLOP/s of the forward+backward against --peak_tflops.
+
+Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+from nst_jax import errors
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  flags.DEFINE_list('sizes', ['128', '256', '512'], 'Square image sizes for the step table.')
+  flags.DEFINE_integer('repeats', 5, 'Timed repetitions per figure (the median is reported).')
+  flags.DEFINE_integer('chunk', 5, 'Steps per compiled chunk when timing L-BFGS steps.')
+  flags.DEFINE_list('batches', ['1', '2', '4', '8'], 'Batch sizes N for the vmap table.')
+  flags.DEFINE_integer('batch_px', 128, 'Image size of the batch table.')
+  flags.DEFINE_integer('variant_px', 256, 'Image size of the remat/bfloat16 table.')
+  flags.DEFINE_float('memory_gib', 24.0, 'Memory budget for the largest-size search.')
+  flags.DEFINE_string('torch_python', '', 'A Python with torch and pastiche==1.6.0, for the '
+                      'side-by-side figures.')
+  flags.DEFINE_bool('e2e', False, 'Run the end-to-end comparison (needs --torch_python).')
+  flags.DEFINE_integer('e2e_steps', 200, 'pastiche L-BFGS steps in the end-to-end comparison.')
+  flags.DEFINE_float('peak_tflops', 0.0, 'Chip peak float32 TFLOP/s for utilisation (GPU).')
+  flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'largest'],
+                    'Which tables to print.')
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _setup(size: int, *, batch: int = 1, **overrides):
+  """A pastiche-loss problem at size x size: (prepared, config, problems, state)."""
+  import jax
+  import jax.numpy as jnp
+  from configs import pastiche as pastiche_config
+  from nst_jax import optim
+  from nst_jax import stylize
+
+  config = pastiche_config.get_config()
+  config.size = size
+  config.square = True
+  config.chunk_size = FLAGS.chunk
+  config.compilation_cache = ''
+  for key, value in overrides.items():
+    config[key] = value
+  if batch > 1:
+    config.batch_over = 'seed'
+    config.batch_values = ','.join(str(i) for i in range(batch))
+  prepared = stylize.prepare(config)
+  problems = jax.device_put(stylize.build_problems(prepared, config, size, size))
+  start = stylize.initial_images(prepared, config, size, size)
+  optimizer = prepared.spec.make_optimizer()
+  state = jax.jit(jax.vmap(lambda x: optim.init_state(optimizer, x)))(jnp.asarray(start))
+  return prepared, config, problems, state
+
+
+def _value_and_grad_fn(prepared):
+  import jax
+  from nst_jax import stylize
+  spec = prepared.spec
+
+  @jax.jit
+  def fn(images, problems):
+    def one(image, problem):
+      return jax.value_and_grad(
+          lambda x: stylize.objective(x, net=prepared.net, problem=problem, spec=spec)[0])(image)
+    return jax.vmap(one)(images, problems)
+
+  return fn
+
+
+def _planned_bytes(compiled) -> int:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return -1
+  return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def measure_step(size: int, *, batch: int = 1, **overrides) -> dict:
+  """Compile time, seconds per forward+backward and per L-BFGS step, planned memory."""
+  import jax
+  import jax.numpy as jnp
+  from nst_jax import stylize
+
+  prepared, config, problems, state = _setup(size, batch=batch, **overrides)
+  grad_fn = _value_and_grad_fn(prepared)
+  start = time.perf_counter()
+  jax.block_until_ready(grad_fn(state['image'], problems))
+  compile_seconds = time.perf_counter() - start
+  forward_backward = _median_seconds(
+      lambda: jax.block_until_ready(grad_fn(state['image'], problems)), FLAGS.repeats)
+  active = jnp.int32(FLAGS.chunk)
+  lowered = stylize.optimize_chunk.lower(state, active, prepared.net, problems,
+                                         spec=prepared.spec)
+  compiled = lowered.compile()
+  planned = _planned_bytes(compiled)
+  flops = None
+  cost = grad_fn.lower(state['image'], problems).compile().cost_analysis()
+  if cost:
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = cost.get('flops')
+
+  def chunk():
+    nonlocal state
+    state, losses = stylize.optimize_chunk(state, active, prepared.net, problems,
+                                           spec=prepared.spec)
+    jax.block_until_ready(losses)
+
+  chunk()  # compile
+  per_step = _median_seconds(chunk, max(2, FLAGS.repeats // 2)) / FLAGS.chunk
+  return {'size': size, 'batch': batch, 'compile_s': compile_seconds,
+          'forward_backward_s': forward_backward, 'lbfgs_step_s': per_step,
+          'planned_bytes': planned, 'flops': flops}
+
+
+def _torch(mode: str, *args: str) -> dict:
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torch_reference.py')
+  done = subprocess.run([FLAGS.torch_python, script, mode, *args], capture_output=True,
+                        text=True, check=False)
+  if done.returncode != 0:
+    raise errors.UserError(f'the PyTorch reference failed under {FLAGS.torch_python!r}: '
+                           f'{done.stderr.strip().splitlines()[-1] if done.stderr else "?"}; it '
+                           'needs torch and pastiche==1.6.0 installed there')
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _write_pair(directory: str, size: int) -> tuple[str, str]:
+  """The example content and style at exactly size x size, as PNGs both sides read."""
+  from nst_jax import images
+  from nst_jax import stylize
+  paths = []
+  for name, example in (('content', stylize.DEFAULT_CONTENT), ('style', stylize.DEFAULT_STYLE)):
+    pixels = images.resize(images.load(stylize.example_path(example)), size, size)
+    path = os.path.join(directory, f'{name}_{size}.png')
+    images.save(pixels, path)
+    paths.append(path)
+  return paths[0], paths[1]
+
+
+def _gib(n: int) -> str:
+  return 'n/a' if n < 0 else f'{n / 2**30:.2f} GiB'
+
+
+def step_table(directory: str) -> None:
+  import jax
+  sizes = [int(s) for s in FLAGS.sizes]
+  torch_seconds = [None] * len(sizes)
+  if FLAGS.torch_python:
+    pairs = [':'.join(_write_pair(directory, size)) for size in sizes]
+    torch_out = _torch('step', '--pairs', *pairs, '--repeats', str(FLAGS.repeats))
+    torch_seconds = torch_out['seconds']
+    print(f'PyTorch {torch_out["torch"]} ({torch_out["threads"]} threads), pastiche 1.6.0')
+  print(f'\n== step (pastiche loss, {jax.devices()[0].platform}, median of {FLAGS.repeats}) ==')
+  print(f'{"size":>6} {"compile s":>10} {"fwd+bwd s":>10} {"L-BFGS step s":>14} '
+        f'{"planned mem":>12} {"torch fwd+bwd s":>16} {"jax/torch":>10} {"TFLOP/s":>8}')
+  for size, reference in zip(sizes, torch_seconds):
+    row = measure_step(size)
+    ratio = f'{row["forward_backward_s"] / reference:.2f}' if reference else '-'
+    tflops = (row['flops'] / row['forward_backward_s'] / 1e12) if row['flops'] else float('nan')
+    utilisation = (f' ({100 * tflops / FLAGS.peak_tflops:.0f}% of peak)'
+                   if FLAGS.peak_tflops else '')
+    print(f'{size:>6} {row["compile_s"]:>10.2f} {row["forward_backward_s"]:>10.3f} '
+          f'{row["lbfgs_step_s"]:>14.3f} {_gib(row["planned_bytes"]):>12} '
+          f'{reference if reference else "-":>16} {ratio:>10} {tflops:>8.2f}{utilisation}',
+          flush=True)
+
+
+def variants_table() -> None:
+  size = FLAGS.variant_px
+  print(f'\n== variants at {size} px ==')
+  print(f'{"variant":>10} {"fwd+bwd s":>10} {"L-BFGS step s":>14} {"planned mem":>12}')
+  for name, overrides in (('plain', {}), ('remat', {'remat': True}),
+                          ('bfloat16', {'compute_dtype': 'bfloat16'}),
+                          ('both', {'remat': True, 'compute_dtype': 'bfloat16'})):
+    row = measure_step(size, **overrides)
+    print(f'{name:>10} {row["forward_backward_s"]:>10.3f} {row["lbfgs_step_s"]:>14.3f} '
+          f'{_gib(row["planned_bytes"]):>12}', flush=True)
+
+
+def batch_table() -> None:
+  size = FLAGS.batch_px
+  print(f'\n== vmapped batch at {size} px: N problems in one program vs N sequential ==')
+  print(f'{"N":>4} {"L-BFGS step s":>14} {"per image s":>12} {"throughput vs N=1":>18}')
+  single = None
+  for n in (int(b) for b in FLAGS.batches):
+    row = measure_step(size, batch=n)
+    single = single or row['lbfgs_step_s']
+    print(f'{n:>4} {row["lbfgs_step_s"]:>14.3f} {row["lbfgs_step_s"] / n:>12.3f} '
+          f'{n * single / row["lbfgs_step_s"]:>17.2f}x', flush=True)
+
+
+def largest_table() -> None:
+  import jax
+  import jax.numpy as jnp
+  from nst_jax import optim
+  from nst_jax import stylize
+  budget = FLAGS.memory_gib * 2**30
+  print(f'\n== largest square image whose L-BFGS chunk XLA plans within {FLAGS.memory_gib} GiB ==')
+  for name, overrides in (('plain', {}), ('remat', {'remat': True}),
+                          ('bfloat16', {'compute_dtype': 'bfloat16'}),
+                          ('both', {'remat': True, 'compute_dtype': 'bfloat16'})):
+    prepared, config, _, _ = _setup(64, **overrides)
+
+    # Targets (Grams, content features) are taken at 64 px: only the content features' shapes
+    # depend on the size, and they are arguments, so the plan is within a few MB.
+    problems = stylize.build_problems(prepared, config, 64, 64)
+
+    def planned(size):
+      state = jax.eval_shape(lambda: jax.vmap(
+          lambda x: optim.init_state(prepared.spec.make_optimizer(), x))(
+              jnp.zeros((1, size, size, 3))))
+      compiled = stylize.optimize_chunk.lower(state, jnp.int32(1), prepared.net, problems,
+                                              spec=prepared.spec).compile()
+      return _planned_bytes(compiled)
+
+    low, high = 256, 256
+    while planned(high) <= budget and high < 16384:
+      low, high = high, high * 2
+    while high - low > 64:
+      middle = (low + high) // 2 // 32 * 32
+      if planned(middle) <= budget:
+        low = middle
+      else:
+        high = middle
+    print(f'{name:>10}: {low} x {low} px ({_gib(planned(low))} planned)', flush=True)
+
+
+def e2e_table(directory: str) -> None:
+  import numpy as np
+  from configs import pastiche as pastiche_config
+  from nst_jax import stylize
+  content, style = _write_pair(directory, 256)
+  reference = _torch('e2e', '--content', content, '--style', style, '--steps',
+                     str(FLAGS.e2e_steps), '--output', os.path.join(directory, 'torch.png'))
+  target = reference['losses'][-1]
+  print(f'\n== end to end, 256 px, pastiche loss: pastiche {FLAGS.e2e_steps} L-BFGS steps reach '
+        f'{target:.6g} in {reference["times"][-1]:.1f} s (+{reference["setup_seconds"]:.1f} s '
+        'setup) ==')
+  for label, overrides in (('single scale', {}),
+                           ('2 scales (181, 256 px)', {'scales': 2, 'coarse_steps': 100})):
+    config = pastiche_config.get_config()
+    config.content_image, config.style_images = content, style
+    config.size, config.square = 256, True
+    config.steps = 2 * FLAGS.e2e_steps
+    config.chunk_size = 10
+    config.checkpoint_every = 0
+    config.progress = 'none'
+    for key, value in overrides.items():
+      config[key] = value
+    workdir = os.path.join(directory, label.split()[0])
+    start = time.perf_counter()
+    times = []
+    outcome_steps = []
+
+    def on_chunk(scale, step, raw, times=times, outcome_steps=outcome_steps):
+      times.append(time.perf_counter() - start)
+      outcome_steps.append((scale, step))
+
+    prepared = stylize.prepare(config)
+    outcome = stylize.optimize(prepared, config, workdir=workdir, on_chunk=on_chunk)
+    final_scale = len(prepared.sizes) - 1
+    reached = None
+    chunk_index = -1
+    for record in outcome.records:
+      if record['scale'] == final_scale and record['loss'][0] is not None:
+        if record['loss'][0] <= target:
+          reached = record
+          break
+    if reached is not None:
+      # Time at the end of the chunk containing that step (losses are known per chunk).
+      chunk_index = next(i for i, (scale, step) in enumerate(outcome_steps)
+                         if scale == final_scale and step >= reached['step'])
+      seconds = times[chunk_index]
+      print(f'{label:>24}: reached it at step {reached["step"]} after {seconds:.1f} s '
+            f'(compile included) = {seconds / reference["times"][-1]:.2f}x pastiche\'s time')
+    else:
+      final = np.nanmin([r['loss'][0] for r in outcome.records if r['scale'] == final_scale
+                         and r['loss'][0] is not None])
+      print(f'{label:>24}: not reached in {config.steps} steps (best {final:.6g}) after '
+            f'{times[-1]:.1f} s')
+
+
+@errors.report_user_errors
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  import jax
+  print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  with tempfile.TemporaryDirectory() as directory:
+    if 'step' in FLAGS.sections:
+      step_table(directory)
+    if 'variants' in FLAGS.sections:
+      variants_table()
+    if 'batch' in FLAGS.sections:
+      batch_table()
+    if 'largest' in FLAGS.sections:
+      largest_table()
+    if FLAGS.e2e:
+      if not FLAGS.torch_python:
+        raise errors.UserError('--e2e needs --torch_python=PYTHON with torch and pastiche')
+      e2e_table(directory)
+
+
+def run() -> None:
+  """Entry point: ``python -m nst_jax.benchmark``."""
+  # The repository root holds `configs`; make it importable when run as a module from anywhere.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
