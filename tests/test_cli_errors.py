@@ -38,6 +38,9 @@ class Case:
     status: the expected exit status; 0 means the run must succeed.
     positional: extra positional arguments.
     outputs: for a successful run, files (relative to the workdir) that must exist.
+    usage: absl rejects the command line itself (exit status 1, its usage text may follow): the
+      expected substrings may be anywhere in the output, and it may span several lines.
+    cwd: the working directory (``{name}`` filled in); empty: the repository root.
   """
 
   name: str
@@ -46,6 +49,8 @@ class Case:
   status: int = errors.EXIT_USER_ERROR
   positional: tuple[str, ...] = ()
   outputs: tuple[str, ...] = ()
+  usage: bool = False
+  cwd: str = ''
 
 
 _VALID_LAYERS = ('block1_conv1', 'block1_relu1', 'block5_relu4', 'block5_pool')
@@ -91,7 +96,15 @@ CASES = (
     Case('unknown_output_extension', ('--config.output=result.xyz',),
          ("'result.xyz'", '.png', '.jpg')),
     Case('unknown_batch_over', ('--config.batch_over=nope',), ("'nope'", 'style', 'content')),
-    Case('stray_positional_argument', positional=('foo',), status=1),
+    Case('stray_positional_argument', positional=('foo',), expect=("unexpected arguments ['foo']",),
+         status=1, usage=True),
+    Case('size_not_a_number', ('--config.size=abc',), ('--config.size=abc',), status=1, usage=True),
+    # Mistakes ml_collections meets while it parses the flags (see _KNOWN_BUGS).
+    Case('unknown_config_field', ('--config.sizee=64',), ('sizee', 'size')),
+    Case('unknown_nested_config_field', ('--config.losses.stlye.term=gram',), ('stlye', 'style')),
+    Case('missing_config_file', ('--config={missing_config}',), ('{missing_config}',)),
+    Case('run_from_another_folder', ('--config.content_image={missing}',),
+         ("content image '{missing}'", 'does not exist'), cwd='{tmp}'),
     # A result in folders that do not exist yet: created, and the run succeeds (0 steps: quick).
     Case('output_in_new_folder',
          ('--workdir={tmp}/new/deeper', '--config.output=images/result.png',
@@ -108,7 +121,8 @@ def _inputs(folder: str) -> dict[str, str]:
       ('wide_mask', 'wide_mask.png'), ('missing', 'missing.png'), ('directory', 'a_folder.png'),
       ('empty', 'empty.png'), ('truncated_jpeg', 'truncated.jpg'), ('text_png', 'notes.png'),
       ('vgg16_weights', 'vgg16.npz'), ('wrong_shape_weights', 'wrong_shape.npz'),
-      ('text_npz', 'notes.npz'), ('plain_npz', 'plain.npz'), ('regular_file', 'a_file'))}
+      ('text_npz', 'notes.npz'), ('plain_npz', 'plain.npz'), ('regular_file', 'a_file'),
+      ('missing_config', 'missing_config.py'))}
   paths['tmp'] = folder
 
   def noise(height: int, width: int) -> Image.Image:
@@ -148,14 +162,17 @@ def _command(case: Case, paths: dict[str, str], workdir: str) -> list[str]:
            '--config.progress': 'none'}
   for flag in case.flags:
     name, _, value = flag.partition('=')
-    flags[name] = value.format(**paths)
-  return [sys.executable, 'main.py', *case.positional,
+    if name == '--config':  # the config file must come before its --config.FIELD overrides
+      flags = {name: value.format(**paths), **flags}
+    else:
+      flags[name] = value.format(**paths)
+  return [sys.executable, os.path.join(_REPO, 'main.py'), *case.positional,
           *(f'{name}={value}' for name, value in flags.items())]
 
 
 def _run(case: Case, paths: dict[str, str], workdir: str) -> subprocess.CompletedProcess:
-  return subprocess.run(_command(case, paths, workdir), cwd=_REPO, capture_output=True, text=True,
-                        timeout=_TIMEOUT_S, check=False)
+  return subprocess.run(_command(case, paths, workdir), cwd=case.cwd.format(**paths) or _REPO,
+                        capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
 
 
 @pytest.fixture(scope='module')
@@ -168,14 +185,33 @@ def launched(request, tmp_path_factory):
     futures = {case.name: pool.submit(_run, case, paths,
                                       str(tmp_path_factory.mktemp('workdir') / case.name))
                for case in selected}
-    # The fast error cases first: the successful run (the only one that compiles) goes last.
     yield paths, futures
     for future in futures.values():
       future.cancel()
 
 
-@pytest.mark.parametrize('case', sorted(CASES, key=lambda case: case.status == 0),
-                         ids=lambda case: case.name)
+#: Cases that fail because of a product bug (a traceback instead of one line); strict, so a fix
+#: shows up as XPASS and the mark must go.
+_KNOWN_BUGS = {
+    'unknown_config_field': 'main.py: a mistyped --config.FIELD raises KeyError/AttributeError '
+                            'inside config_flags.DEFINE_config_file (module import): traceback',
+    'unknown_nested_config_field': 'main.py: as unknown_config_field',
+    'missing_config_file': 'main.py: a --config file that cannot be loaded raises OSError at '
+                           'the first field access in stylize.configure_jax: traceback',
+    'run_from_another_folder': "main.py: the default --config is 'configs/default.py' relative "
+                               'to the working directory: traceback outside the repository root',
+}
+
+
+def _params():
+  # The fast error cases first: the successful run (the only one that compiles) goes last.
+  for case in sorted(CASES, key=lambda case: case.status == 0):
+    marks = [pytest.mark.xfail(strict=True, reason=_KNOWN_BUGS[case.name])
+             ] if case.name in _KNOWN_BUGS else []
+    yield pytest.param(case, id=case.name, marks=marks)
+
+
+@pytest.mark.parametrize('case', _params())
 def test_cli_error(case, launched):
   paths, futures = launched
   result = futures[case.name].result()
@@ -190,8 +226,9 @@ def test_cli_error(case, launched):
     for output in case.outputs:
       assert os.path.isfile(os.path.join(workdir, output)), described
     return
-  if case.positional:  # absl's usage error: the help text, then the complaint
-    assert 'unexpected arguments' in result.stderr + result.stdout, described
+  if case.usage:
+    for expected in case.expect:
+      assert expected.format(**paths) in result.stderr + result.stdout, described
     return
   assert len(lines) == 1, described
   assert lines[0].startswith('error: '), described
