@@ -9,6 +9,7 @@ Every setting is a field of the config file (configs/default.py lists and explai
 overridable as --config.FIELD=VALUE.
 """
 
+import os
 import sys
 
 from absl import app
@@ -18,21 +19,52 @@ from ml_collections import config_flags
 from nst_jax import errors
 from nst_jax import stylize
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/default.py', 'Config file; fields overridable as --config.FIELD=VALUE.',
-    lock_config=True)
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
+                               'default.py')
+# ml_collections applies --config.FIELD overrides while these flags are parsed: a mistyped field
+# or an unloadable config file surfaces as KeyError/AttributeError/OSError, reported in one line.
+_CONFIG_ERRORS = (KeyError, AttributeError, OSError, flags.Error)
+
+
+def _config_error(exc: BaseException) -> None:
+  text = str(exc.args[0] if exc.args else exc)
+  # ml_collections' messages are reprs with escaped newlines and quotes: make them one plain line.
+  text = text.replace('\\n', ' ').replace("\\'", '').strip('\'"')
+  print(f'error: bad command line: {" ".join(text.split())}; see python main.py --help and '
+        'configs/default.py for the fields', file=sys.stderr)
+  sys.exit(errors.EXIT_USER_ERROR)
+
+
+try:
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', _DEFAULT_CONFIG, 'Config file; fields overridable as --config.FIELD=VALUE.',
+      lock_config=True)
+except _CONFIG_ERRORS as exc:
+  _config_error(exc)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Folder for the result and logs.')
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except _CONFIG_ERRORS as exc:
+    _config_error(exc)
 
 
 @errors.report_user_errors
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; settings are --config.FIELD=VALUE')
+    raise errors.UserError(f'unexpected arguments {argv[1:]}; settings are --config.FIELD=VALUE')
   try:
-    stylize.run(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.keys()  # a --config file that failed to load raises here
+  except OSError as exc:
+    _config_error(exc)
+  try:
+    stylize.run(config, _WORKDIR.value)
   except stylize.Stopped as stopped:
     sys.exit(128 + stopped.signal_number)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -688,6 +688,7 @@ def optimize(prepared: Prepared, config, *, workdir: str,
           raise Stopped(stop_requested[0], last_good, log.records)
       images_now = last_good
       done_before += steps
+      log.save()  # also when a scale has no steps
       # A finished scale is checkpointed too, so a resume continues at the next one.
       _save_checkpoint(checkpoint_path, state=state, scale=scale,
                        fingerprint=prepared.fingerprint, records=log.records)
@@ -701,6 +702,9 @@ def optimize(prepared: Prepared, config, *, workdir: str,
 def output_paths(config, workdir: str, n: int) -> list[str]:
   """The result file of each batch element: ``result.png``, or ``result_0.png``, ... for N > 1."""
   stem, extension = os.path.splitext(config.output)
+  if os.path.isabs(config.output) or '..' in config.output.replace('\\', '/').split('/'):
+    raise errors.UserError(f'--config.output={config.output!r} must be a file name inside '
+                           '--workdir (no absolute path, no ..); set --workdir to choose the folder')
   images.encode(np.zeros((1, 1, 3)), config.output)  # fails early on an unknown extension
   if n == 1:
     return [os.path.join(workdir, config.output)]

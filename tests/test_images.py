@@ -34,7 +34,7 @@ def _load(image: Image.Image, path, **save_options) -> np.ndarray:
 
 
 def _quadrants(width: int, height: int) -> Image.Image:
-  """An asymmetric RGB pattern: red top-left, green top-right, blue bottom-left, white bottom-right."""
+  """An asymmetric pattern: red top-left, green top-right, blue bottom-left, white bottom-right."""
   pixels = np.zeros((height, width, 3), np.uint8)
   half_h, half_w = height // 2, width // 2
   pixels[:half_h, :half_w] = _RED

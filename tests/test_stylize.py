@@ -159,9 +159,13 @@ print(jax.device_count())
 
 
 def test_multiscale_ends_at_the_requested_size(tmp_path):
-  config = tiny_config(tmp_path, size=48, scales=2, scale_factor=1.5, steps=3, coarse_steps=3)
+  config = tiny_config(tmp_path, size=48, scales=2, scale_factor=1.5, steps=3, coarse_steps=3,
+                       save_every=3)
   paths = stylize.run(config, str(tmp_path / 'ms'))
   assert images.load(paths[0]).shape == (48, 48, 3)
+  # Intermediate images of each scale, at that scale's size.
+  assert images.load(str(tmp_path / 'ms' / 'step_s0_00003.png')).shape == (32, 32, 3)
+  assert images.load(str(tmp_path / 'ms' / 'step_s1_00003.png')).shape == (48, 48, 3)
   records = final_losses(str(tmp_path / 'ms'))
   assert sorted({r['scale'] for r in records}) == [0, 1]
 
