@@ -72,7 +72,9 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
     ys = jnp.vdot(y_new, s_new)
     accept = (state.count > 0) & (ys > 1e-10)
     head = state.head
-    put = lambda buffer, value: jnp.where(accept, buffer.at[head].set(value), buffer)
+    # Write one row (the old one again if the pair is rejected): an in-place update, where
+    # selecting between two whole buffers would copy the history every step.
+    put = lambda buffer, value: buffer.at[head].set(jnp.where(accept, value, buffer[head]))
     s_memory, y_memory = put(state.s, s_new), put(state.y, y_new)
     rho = put(state.rho, 1.0 / jnp.where(accept, ys, 1.0))
     valid = put(state.valid, True)
@@ -175,24 +177,27 @@ def step(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransformatio
   updates, new_opt_state = optimizer.update(
       grad, opt_state, image, value=value, grad=grad, value_fn=loss_fn)
   new_image = optax.apply_updates(image, updates)
-  finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(new_image))
-  keep = lambda new, old: jnp.where(finite, new, old)
-  # `image` was just evaluated: if its loss is finite it becomes the image to fall back to.
-  last_finite = jnp.where(jnp.isfinite(value), image, state['last_finite'])
+  finite = state['finite'] & jnp.isfinite(value) & jnp.all(jnp.isfinite(new_image))
+  # `image` was just evaluated: if its loss is finite it becomes the image to fall back to. Only
+  # image-sized arrays are selected here: selecting the whole optimiser state (L-BFGS's history
+  # is 2 x memory x image) would copy hundreds of MB per step. After a non-finite loss the
+  # optimiser state is garbage, but the image stays frozen at the last finite one and the caller
+  # stops the run.
+  last_finite = jnp.where(state['finite'] & jnp.isfinite(value), image, state['last_finite'])
   new_state = {
-      'image': keep(new_image, last_finite),
+      'image': jnp.where(finite, new_image, last_finite),
       'last_finite': last_finite,
-      'opt_state': jax.tree.map(keep, new_opt_state, opt_state),
+      'opt_state': new_opt_state,
       'step': state['step'] + finite.astype(jnp.int32),
-      'finite': state['finite'] & finite,
+      'finite': finite,
   }
   return new_state, value
 
 
 def run_chunk(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransformationExtraArgs,
               linesearch: bool, length: int, active: jax.Array) -> tuple[dict, jax.Array]:
-  """Runs ``length`` steps under ``lax.scan``; steps at or past ``active`` (or after a non-finite
-  loss) leave the state unchanged and report NaN.
+  """Runs ``length`` steps under ``lax.scan``; steps at or past ``active`` leave the state unchanged
+  and report NaN.
 
   Args:
     state: from :func:`init_state`.
@@ -213,7 +218,9 @@ def run_chunk(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransfor
     def skip(carry):
       return carry, jnp.full((), jnp.nan, jnp.float32)
 
-    return jax.lax.cond((index < active) & carry['finite'], take, skip, carry)
+    # The predicate must not depend on batched values: under vmap a batched predicate turns the
+    # cond into a select of both branches over the whole state, every step.
+    return jax.lax.cond(index < active, take, skip, carry)
 
   return jax.lax.scan(body, state, jnp.arange(length))
 

@@ -675,8 +675,9 @@ def optimize(prepared: Prepared, config, *, workdir: str,
           progress.update(done=done_before + step, losses=shown, label=label)
         if on_chunk:
           on_chunk(scale, step, last_good)
-        stop = bool(stop_requested) or not finite.all()
-        if (config.checkpoint_every and step % config.checkpoint_every < spec.chunk_size) or stop:
+        # After a non-finite loss the optimiser state is not worth resuming: no checkpoint then.
+        if finite.all() and (stop_requested or (
+            config.checkpoint_every and step % config.checkpoint_every < spec.chunk_size)):
           _save_checkpoint(checkpoint_path, state=state, scale=scale,
                            fingerprint=prepared.fingerprint, records=log.records)
         if not finite.all():
