@@ -142,6 +142,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_over = ''
   # Comma-separated values of the batched field, e.g. '1e2,1e3,1e4'.
   config.batch_values = ''
+  # Several hosts: call jax.distributed.initialize() first, so the batch is sharded over every
+  # host's devices (coordinator from JAX_COORDINATOR_ADDRESS etc.; see README).
+  config.distributed = False
 
   # --- Outputs ------------------------------------------------------------------------------
   # Result file name inside --workdir (.png or .jpg); batches add _0, _1, ...

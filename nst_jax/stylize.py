@@ -382,7 +382,8 @@ def prepare(config) -> Prepared:
 # Per-scale problems.
 
 
-def _layer_shapes(height: int, width: int, layers: Sequence[str]) -> dict[str, tuple[int, int]]:
+def layer_shapes(height: int, width: int, layers: Sequence[str]) -> dict[str, tuple[int, int]]:
+  """Spatial (height, width) of each layer for a height x width input (pools floor)."""
   shapes = {}
   for layer in layers:
     h, w = height, width
@@ -437,7 +438,7 @@ def build_problems(prepared: Prepared, config, height: int, width: int) -> dict:
       problem['style_targets'].append(losses.targets(
           entries=spec.entries, reference_features=feats, reference='style'))
     if prepared.masks is not None:
-      shapes = _layer_shapes(height, width, style_layers)
+      shapes = layer_shapes(height, width, style_layers)
       problem['style_masks'] = [
           {layer: images.resize(mask[..., None], *shape)[..., 0].clip(0, 1)
            for layer, shape in shapes.items()}
@@ -486,6 +487,14 @@ def shard_batch(tree: Any, n: int) -> Any:
     return jax.device_put(x, NamedSharding(mesh, spec))
 
   return jax.tree.map(put, tree)
+
+
+def to_host(tree: Any) -> Any:
+  """Fetches a (possibly sharded) pytree to NumPy; across hosts, gathers every host's shards."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def padded_batch_size(n: int) -> int:
@@ -560,7 +569,7 @@ class Outcome:
 def _save_checkpoint(path: str, *, state: dict, scale: int, fingerprint: str,
                      records: list[dict]) -> None:
   """Writes the resumable state (flax msgpack of the state pytree), atomically."""
-  payload = {'state': serialization.to_state_dict(jax.device_get(state)), 'scale': scale,
+  payload = {'state': serialization.to_state_dict(to_host(state)), 'scale': scale,
              'fingerprint': fingerprint, 'records': json.dumps(records)}
   files.write_bytes(path, serialization.msgpack_serialize(payload))
 
@@ -648,7 +657,7 @@ def optimize(prepared: Prepared, config, *, workdir: str,
       step = int(np.asarray(state['step']).max())
       if progress:
         progress.restart_clock(done_before + step)
-      last_good = np.asarray(jax.device_get(state['image']))[:n]
+      last_good = np.asarray(to_host(state['image']))[:n]
       while step < steps:
         active = min(spec.chunk_size, steps - step)
         if config.lbfgs_restart and step > 0:
@@ -657,7 +666,7 @@ def optimize(prepared: Prepared, config, *, workdir: str,
                                              spec=spec)
         chunk_losses = np.asarray(jax.device_get(chunk_losses))[:n]
         finite = np.asarray(jax.device_get(state['finite']))[:n]
-        last_good = np.asarray(jax.device_get(state['image']))[:n]
+        last_good = np.asarray(to_host(state['image']))[:n]
         parts = jax.device_get(loss_parts(state['image'], prepared.net, problems, spec=spec))
         for offset in range(active):
           record = {'scale': scale, 'step': step + offset + 1,
@@ -741,7 +750,9 @@ def write_outputs(prepared: Prepared, config, workdir: str, raw: np.ndarray,
 
 
 def configure_jax(config) -> None:
-  """Process-wide JAX settings from the config: the persistent compilation cache."""
+  """Process-wide JAX settings from the config: multi-host start, the compilation cache."""
+  if config.distributed:
+    jax.distributed.initialize()  # reads the coordinator from the environment (see README)
   if config.compilation_cache:
     cache = os.path.expanduser(config.compilation_cache)
     try:

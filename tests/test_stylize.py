@@ -95,12 +95,17 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     stylize.run(tiny_config(tmp_path, resume=True, size=48), str(tmp_path / 'run'))
 
 
-def test_batch_over_a_weight_equals_separate_runs(tmp_path):
-  batch = tiny_config(tmp_path, batch_over='style_weight', batch_values='10,1e4')
+@pytest.mark.parametrize('optimizer', ['lbfgs_fixed', 'lbfgs', 'adam'])
+def test_batch_over_a_weight_equals_separate_runs(tmp_path, optimizer):
+  # Each element keeps its own optimiser history (and line search) under vmap.
+  learning_rate = 10.0 if optimizer == 'adam' else 1.0
+  batch = tiny_config(tmp_path, batch_over='style_weight', batch_values='10,1e4',
+                      optimizer=optimizer, learning_rate=learning_rate)
   paths = stylize.run(batch, str(tmp_path / 'batch'))
   assert os.path.basename(paths[0]) == 'result_0.png'
   for index, weight in enumerate((10.0, 1e4)):
-    single = tiny_config(tmp_path, style_weight=weight)
+    single = tiny_config(tmp_path, style_weight=weight, optimizer=optimizer,
+                         learning_rate=learning_rate)
     stylize.run(single, str(tmp_path / f'single{index}'))
     a = images.load(str(tmp_path / 'batch' / f'result_{index}.png'))
     b = images.load(str(tmp_path / f'single{index}' / 'result.png'))
@@ -204,6 +209,21 @@ def test_histogram_matching_gives_the_style_the_content_colours(rng):
                              atol=1.5)
   np.testing.assert_allclose(np.cov(matched.reshape(-1, 3), rowvar=False),
                              np.cov(content.reshape(-1, 3), rowvar=False), rtol=0.1, atol=20)
+
+
+def test_initialisation_from_style_or_a_file(tmp_path):
+  rng = np.random.default_rng(4)
+  style = write_image(tmp_path / 'style.png', rng.integers(0, 255, (40, 40, 3)))
+  start = write_image(tmp_path / 'start.png', rng.integers(0, 255, (40, 40, 3)))
+  for init, expected in (('style', style), (start, start)):
+    config = tiny_config(tmp_path, style_images=style, init=init)
+    first = stylize.initial_images(stylize.prepare(config), config, 40, 40)[0]
+    np.testing.assert_allclose(first, images.load(expected), atol=1e-3)
+  noise = [stylize.initial_images(stylize.prepare(c), c, 40, 40)[0] for c in (
+      tiny_config(tmp_path, init='gaussian', seed=1), tiny_config(tmp_path, init='gaussian', seed=1),
+      tiny_config(tmp_path, init='uniform', seed=2))]
+  np.testing.assert_array_equal(noise[0], noise[1])  # seeded
+  assert abs(noise[2].mean() - 114.8) < 5 and noise[2].std() > 60  # mean pixel + U(-128, 128)
 
 
 def test_style_blend_and_scale_change_the_targets(tmp_path):
