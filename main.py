@@ -9,6 +9,7 @@ Every setting is a field of the config file (configs/default.py lists and explai
 overridable as --config.FIELD=VALUE.
 """
 
+import logging
 import os
 import sys
 
@@ -53,6 +54,8 @@ def _parse_flags(argv):
 
 @errors.report_user_errors
 def main(argv):
+  # JAX logs at INFO that it found no TPU; users only need to know which device runs (we say).
+  logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments {argv[1:]}; settings are --config.FIELD=VALUE')
   try:
