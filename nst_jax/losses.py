@@ -216,7 +216,9 @@ def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array], **unuse
   """
   stats = mean_covariance_statistic(features)
   cross = target['sqrt_covariance'] @ stats['covariance'] @ target['sqrt_covariance']
-  cross_trace = jnp.sum(jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(cross), 0.0)))
+  # Clamped above zero: ReLU features have near-singular covariances, and the gradient of a square
+  # root at zero is infinite (NaN after the chain rule).
+  cross_trace = jnp.sum(jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(cross), 1e-5)))
   distance = (jnp.sum((stats['mean'] - target['mean']) ** 2) + jnp.trace(stats['covariance'])
               + jnp.trace(target['covariance']) - 2.0 * cross_trace)
   return distance / features.shape[-1]
