@@ -3,7 +3,7 @@ r"""Neural style transfer from the command line.
   python main.py                                   # the embedded example, into runs/default
   python main.py --workdir=runs/mine --config.content_image=photo.jpg \
       --config.style_images=painting.jpg --config.size=512
-  python main.py --config=configs/keras_vgg16.py   # a preset (see configs/)
+  python main.py --config=configs/tf_tutorial.py   # a preset (see configs/)
 
 Every setting is a field of the config file (configs/default.py lists and explains them all),
 overridable as --config.FIELD=VALUE.
@@ -11,6 +11,7 @@ overridable as --config.FIELD=VALUE.
 
 import logging
 import os
+import re
 import sys
 
 from absl import app
@@ -29,10 +30,16 @@ _CONFIG_ERRORS = (KeyError, AttributeError, OSError, flags.Error)
 
 def _config_error(exc: BaseException) -> None:
   text = str(exc.args[0] if exc.args else exc)
-  # ml_collections' messages are reprs with escaped newlines and quotes: make them one plain line.
-  text = text.replace('\\n', ' ').replace("\\'", '').strip('\'"')
-  print(f'error: bad command line: {" ".join(text.split())}; see python main.py --help and '
-        'configs/default.py for the fields', file=sys.stderr)
+  missing = re.search(r'\[Errno \d+\] ([^\n]*)', text)
+  if isinstance(exc, OSError) and missing:
+    text = f'cannot load the --config file: {missing.group(1)}'
+  else:
+    # ml_collections' KeyError messages are reprs with escaped newlines: make them one line.
+    text = text.replace('\\n', '; ').replace("\\'", "'")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
+      text = text[1:-1]
+  print(f'error: bad command line: {" ".join(text.split())} (see python main.py --help and '
+        'configs/default.py for the fields)', file=sys.stderr)
   sys.exit(errors.EXIT_USER_ERROR)
 
 

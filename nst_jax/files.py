@@ -26,6 +26,12 @@ def ensure_directory(path: str) -> None:
     raise errors.UserError(f'output folder {path!r} is not writable; choose a writable --workdir')
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[BinaryIO]:
   """Opens a temporary file beside ``path`` for binary writing and renames it over ``path``.
@@ -52,6 +58,8 @@ def atomic_write(path: str) -> Iterator[BinaryIO]:
       yield handle
       handle.flush()
       os.fsync(handle.fileno())
+    # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+    os.chmod(temporary, 0o666 & ~_umask())
     os.replace(temporary, path)
   except BaseException:
     with contextlib.suppress(OSError):

@@ -26,7 +26,8 @@ PROGRESS_MODES = ('auto', 'bar', 'lines', 'none')
 
 def _format_seconds(seconds: float) -> str:
   seconds = int(max(seconds, 0))
-  return f'{seconds // 60}:{seconds % 60:02d}'
+  hours, minutes = seconds // 3600, seconds // 60 % 60
+  return f'{hours}:{minutes:02d}:{seconds % 60:02d}' if hours else f'{minutes}:{seconds % 60:02d}'
 
 
 class Progress:

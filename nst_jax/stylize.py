@@ -630,6 +630,12 @@ def optimize(prepared: Prepared, config, *, workdir: str,
         (n_padded, *prepared.sizes[min(scale, len(prepared.sizes) - 1)], 3), jnp.float32))
     resumed_state, start_scale, log.records = _load_checkpoint(
         checkpoint_path, template_for=template_for, fingerprint=prepared.fingerprint)
+    if progress:
+      done = int(np.asarray(resumed_state['step']).max())
+      left = prepared.steps[start_scale] - done
+      progress.message(f'resuming from {checkpoint_path}: scale {start_scale + 1}, step {done}; '
+                       + (f'{left} steps left at this scale' if left > 0 else
+                          'no steps left at this scale (raise --config.steps to continue)'))
   elif config.resume and progress:
     progress.message(f'no checkpoint in {workdir}; starting afresh')
 
@@ -778,14 +784,16 @@ def run(config, workdir: str) -> list[str]:
     Stopped: SIGINT/SIGTERM (after writing the last good image and a checkpoint).
   """
   configure_jax(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError(f'--workdir {workdir!r} exists and is not a directory; choose another')
+  prepared = prepare(config)  # reads and checks everything before the workdir is created
   files.ensure_directory(workdir)
-  prepared = prepare(config)
   output_paths(config, workdir, len(prepared.contents))
   progress = report.Progress(total=sum(prepared.steps), mode=config.progress)
   n = len(prepared.contents)
   progress.message(
       f'stylising {n} image{"s" if n > 1 else ""} at {prepared.sizes[-1][1]}x'
-      f'{prepared.sizes[-1][0]} on {jax.device_count()} {jax.devices()[0].platform} device(s); '
+      f'{prepared.sizes[-1][0]} px (width x height) on {jax.device_count()} {jax.devices()[0].platform} device(s); '
       f'{sum(prepared.steps)} {config.optimizer} steps; the first chunk includes compilation')
 
   def on_chunk(scale: int, step: int, raw: np.ndarray) -> None:
@@ -806,4 +814,8 @@ def run(config, workdir: str) -> list[str]:
     raise
   paths = write_outputs(prepared, config, workdir, outcome.images, outcome.records)
   progress.message(f'done in {time.perf_counter() - start:.1f} s; wrote ' + ', '.join(paths))
+  checkpoint = os.path.join(workdir, CHECKPOINT)
+  if os.path.exists(checkpoint):
+    progress.message(f'and {checkpoint} ({os.path.getsize(checkpoint) / 2**20:.0f} MB, mostly the '
+                     'L-BFGS history) for --config.resume; delete it when you are done')
   return paths
