@@ -310,7 +310,9 @@ def e2e_table(directory: str) -> None:
         'setup) ==')
   for label, overrides in (('single scale', {}),
                            ('3 scales (64, 128, 256 px)', {'scales': 3, 'scale_factor': 2.0,
-                                                           'coarse_steps': 100})):
+                                                           'coarse_steps': 100}),
+                           ('3 scales, history 30', {'scales': 3, 'scale_factor': 2.0,
+                                                     'coarse_steps': 100, 'memory_size': 30})):
     config = pastiche_config.get_config()
     config.content_image, config.style_images = content, style
     config.size, config.square = 256, True

@@ -669,21 +669,25 @@ def optimize(prepared: Prepared, config, *, workdir: str,
           state = dict(state, opt_state=jax.jit(jax.vmap(optimizer.init))(state['image']))
         state, chunk_losses = optimize_chunk(state, jnp.int32(active), prepared.net, problems,
                                              spec=spec)
-        chunk_losses = np.asarray(jax.device_get(chunk_losses))[:n]
-        finite = np.asarray(jax.device_get(state['finite']))[:n]
+        chunk_losses = np.asarray(to_host(chunk_losses))[:n]
+        finite = np.asarray(to_host(state['finite']))[:n]
         last_good = np.asarray(to_host(state['image']))[:n]
-        parts = jax.device_get(loss_parts(state['image'], prepared.net, problems, spec=spec))
+        # Each term's share costs one more forward pass: only when it is shown, and at the end of
+        # a scale so the log always closes with it.
+        show = progress is not None and progress.mode != 'none'
+        parts = (to_host(loss_parts(state['image'], prepared.net, problems, spec=spec))
+                 if show or step + active >= steps else None)
         for offset in range(active):
           record = {'scale': scale, 'step': step + offset + 1,
                     'loss': [None if not np.isfinite(v) else float(v)
                              for v in chunk_losses[:, offset]]}
-          if offset == active - 1:
+          if offset == active - 1 and parts is not None:
             record['parts'] = {name: [float(v) for v in np.asarray(values)[:n]]
                                for name, values in parts.items()}
           log.add(record)
         step += active
         log.save()
-        if progress:
+        if show:
           shown = {name: float(np.asarray(values)[:n].mean()) for name, values in parts.items()}
           shown['total'] = float(sum(shown.values()))
           progress.update(done=done_before + step, losses=shown, label=label)
