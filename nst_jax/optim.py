@@ -19,7 +19,7 @@ active steps a traced argument, so a shorter last chunk does not recompile.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -223,8 +223,3 @@ def run_chunk(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransfor
     return jax.lax.cond(index < active, take, skip, carry)
 
   return jax.lax.scan(body, state, jnp.arange(length))
-
-
-def tree_copy(tree: Any) -> Any:
-  """A host copy of a pytree of device arrays (for checkpoints and keeping the last good image)."""
-  return jax.tree.map(lambda x: jax.device_get(x).copy() if hasattr(x, 'shape') else x, tree)

@@ -622,7 +622,6 @@ def optimize(prepared: Prepared, config, *, workdir: str,
   checkpoint_path = os.path.join(workdir, CHECKPOINT)
   log = report.LossLog(os.path.join(workdir, LOSS_LOG))
   optimizer = spec.make_optimizer()
-  total_steps = sum(prepared.steps)
   start_scale, resumed_state = 0, None
   init_batch = jax.vmap(lambda x: optim.init_state(optimizer, x))
   if config.resume and os.path.exists(checkpoint_path):

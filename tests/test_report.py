@@ -3,7 +3,6 @@
 import io
 import json
 
-import numpy as np
 
 from nst_jax import images
 from nst_jax import report

@@ -14,7 +14,6 @@ from PIL import Image
 from configs import default
 from nst_jax import color
 from nst_jax import images
-from nst_jax import losses
 from nst_jax import stylize
 from nst_jax import weights
 
