@@ -623,7 +623,9 @@ def optimize(prepared: Prepared, config, *, workdir: str,
   log = report.LossLog(os.path.join(workdir, LOSS_LOG))
   optimizer = spec.make_optimizer()
   start_scale, resumed_state = 0, None
-  init_batch = jax.vmap(lambda x: optim.init_state(optimizer, x))
+  # One jitted initialiser for every scale and every L-BFGS restart (a new jax.jit wrapper per
+  # call would retrace and recompile each time).
+  init_batch = jax.jit(jax.vmap(lambda x: optim.init_state(optimizer, x)))
   if config.resume and os.path.exists(checkpoint_path):
     template_for = lambda scale: jax.eval_shape(init_batch, jax.ShapeDtypeStruct(
         (n_padded, *prepared.sizes[min(scale, len(prepared.sizes) - 1)], 3), jnp.float32))
@@ -654,7 +656,7 @@ def optimize(prepared: Prepared, config, *, workdir: str,
         else:
           start = np.stack([images.resize(image, height, width) for image in images_now])
         start = pad_batch(start, n_padded)
-        state = jax.jit(init_batch)(shard_batch(jnp.asarray(start), n_padded))
+        state = init_batch(shard_batch(jnp.asarray(start), n_padded))
       steps = prepared.steps[scale]
       label = f'scale {scale + 1}/{len(prepared.sizes)} {width}x{height} ' if len(
           prepared.sizes) > 1 else ''
@@ -665,7 +667,7 @@ def optimize(prepared: Prepared, config, *, workdir: str,
       while step < steps:
         active = min(spec.chunk_size, steps - step)
         if config.lbfgs_restart and step > 0:
-          state = dict(state, opt_state=jax.jit(jax.vmap(optimizer.init))(state['image']))
+          state = dict(state, opt_state=init_batch(state['image'])['opt_state'])
         state, chunk_losses = optimize_chunk(state, jnp.int32(active), prepared.net, problems,
                                              spec=spec)
         chunk_losses = np.asarray(to_host(chunk_losses))[:n]
