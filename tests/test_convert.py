@@ -27,7 +27,6 @@ from safetensors import numpy as safetensors_numpy
 
 from nst_jax import convert
 from nst_jax import errors
-from nst_jax import torch_pickle
 from nst_jax import weights
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -404,16 +403,6 @@ def test_fake_torch_modules_do_not_leak():
   with _fake_torch():
     assert sys.modules['torch'] is not before[0]
   assert (sys.modules.get('torch'), sys.modules.get('torch._utils')) == before
-
-
-def test_torch_pickle_reads_both_formats(sources, random_params):
-  zipped = torch_pickle.load(sources('torch_zip-vgg19'))
-  legacy = torch_pickle.load(sources('torch_legacy-vgg16'))
-  kernel = random_params['vgg19']['block1_conv1']['kernel'].transpose(3, 2, 0, 1)
-  np.testing.assert_array_equal(zipped['features.0.weight'], kernel)
-  np.testing.assert_array_equal(zipped['features.0.bias'],
-                                random_params['vgg19']['block1_conv1']['bias'])
-  assert legacy['features.28.weight'].shape == (512, 512, 3, 3)
 
 
 # ------------------------------------------------------------------------------------------------
