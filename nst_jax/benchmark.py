@@ -88,8 +88,7 @@ def _setup(size: int, *, batch: int = 1, **overrides):
   prepared = stylize.prepare(config)
   problems = jax.device_put(stylize.build_problems(prepared, config, size, size))
   start = stylize.initial_images(prepared, config, size, size)
-  optimizer = prepared.spec.make_optimizer()
-  state = jax.jit(jax.vmap(lambda x: optim.init_state(optimizer, x)))(jnp.asarray(start))
+  state = stylize.initial_state(jnp.asarray(start), prepared.net, problems, spec=prepared.spec)
   return prepared, config, problems, state
 
 

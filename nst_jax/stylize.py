@@ -132,6 +132,15 @@ def optimize_chunk(state: dict, active: jax.Array, net: Mapping, problems: Mappi
 
 
 @functools.partial(jax.jit, static_argnames=('spec',))
+def initial_state(images_: jax.Array, net: Mapping, problems: Mapping, *, spec: Spec) -> dict:
+  """Batched :func:`nst_jax.optim.init_state` (a line-search optimiser's first loss included)."""
+  optimizer = spec.make_optimizer()
+  return jax.vmap(lambda image, problem: optim.init_state(
+      optimizer, image,
+      loss_fn=lambda x: objective(x, net=net, problem=problem, spec=spec)[0]))(images_, problems)
+
+
+@functools.partial(jax.jit, static_argnames=('spec',))
 def loss_parts(images_: jax.Array, net: Mapping, problems: Mapping, *, spec: Spec
                ) -> dict[str, jax.Array]:
   """Each entry's weighted loss for a batch of images (for logs and the progress line)."""
@@ -209,6 +218,8 @@ def activation_bytes(height: int, width: int, *, layers: Sequence[str], network:
   The image gradient stores no conv inputs (the weights are constants), only ReLU and pooling
   masks, so this matched XLA's planned temporaries within 10% at 512 and 1024 px.
   """
+  if not layers:
+    return 0  # only image terms (total variation): no network pass at all
   order = vgg.layer_names(network)
   last = max(order.index(layer) for layer in layers)
   total = 0
@@ -269,6 +280,20 @@ def prepare(config) -> Prepared:
                            f'one of {", ".join(BATCHABLE_FIELDS)}')
 
   entries = entries_from_config(config)
+  if config.optimizer == 'lbfgs' and float(config.learning_rate) != 1.0:
+    raise errors.UserError(
+        f'--config.learning_rate={config.learning_rate} has no effect with optimizer=lbfgs (its '
+        'line search chooses every step); leave it at 1, or use optimizer=lbfgs_fixed or adam')
+  if config.batch_over == 'style' and _split(config.style_blend_weights):
+    raise errors.UserError('--config.style_blend_weights blends styles, but batch_over=style '
+                           'stylises each style separately; drop one of the two')
+  if _split(config.style_masks):
+    for entry in entries:
+      if entry.reference == 'style' and not losses.accepts_mask(entry):
+        raise errors.UserError(
+            f'loss {entry.name!r} (term {entry.term!r}) takes no mask keyword, so it cannot honour '
+            '--config.style_masks; use a term that does (gram, wasserstein, mean_std) or add '
+            '`mask=None` to its signature (README, "Add your own loss")')
   spec = Spec(entries=entries, network=config.network, pooling=config.pooling,
               remat=bool(config.remat), compute_dtype=config.compute_dtype,
               optimizer=config.optimizer, learning_rate=float(config.learning_rate),
@@ -623,12 +648,10 @@ def optimize(prepared: Prepared, config, *, workdir: str,
   log = report.LossLog(os.path.join(workdir, LOSS_LOG))
   optimizer = spec.make_optimizer()
   start_scale, resumed_state = 0, None
-  # One jitted initialiser for every scale and every L-BFGS restart (a new jax.jit wrapper per
-  # call would retrace and recompile each time).
-  init_batch = jax.jit(jax.vmap(lambda x: optim.init_state(optimizer, x)))
   if config.resume and os.path.exists(checkpoint_path):
-    template_for = lambda scale: jax.eval_shape(init_batch, jax.ShapeDtypeStruct(
-        (n_padded, *prepared.sizes[min(scale, len(prepared.sizes) - 1)], 3), jnp.float32))
+    template_for = lambda scale: jax.eval_shape(
+        jax.vmap(lambda x: optim.init_state(optimizer, x)), jax.ShapeDtypeStruct(
+            (n_padded, *prepared.sizes[min(scale, len(prepared.sizes) - 1)], 3), jnp.float32))
     resumed_state, start_scale, log.records = _load_checkpoint(
         checkpoint_path, template_for=template_for, fingerprint=prepared.fingerprint)
     if progress:
@@ -656,7 +679,8 @@ def optimize(prepared: Prepared, config, *, workdir: str,
         else:
           start = np.stack([images.resize(image, height, width) for image in images_now])
         start = pad_batch(start, n_padded)
-        state = init_batch(shard_batch(jnp.asarray(start), n_padded))
+        state = initial_state(shard_batch(jnp.asarray(start), n_padded), prepared.net, problems,
+                              spec=spec)
       steps = prepared.steps[scale]
       label = f'scale {scale + 1}/{len(prepared.sizes)} {width}x{height} ' if len(
           prepared.sizes) > 1 else ''
@@ -667,7 +691,8 @@ def optimize(prepared: Prepared, config, *, workdir: str,
       while step < steps:
         active = min(spec.chunk_size, steps - step)
         if config.lbfgs_restart and step > 0:
-          state = dict(state, opt_state=init_batch(state['image'])['opt_state'])
+          state = dict(state, opt_state=initial_state(state['image'], prepared.net, problems,
+                                                      spec=spec)['opt_state'])
         state, chunk_losses = optimize_chunk(state, jnp.int32(active), prepared.net, problems,
                                              spec=spec)
         chunk_losses = np.asarray(to_host(chunk_losses))[:n]

@@ -163,6 +163,8 @@ def features(net: Mapping, image: jax.Array, *, layers: Sequence[str], network: 
   check_layers(layers, network=network)
   if pooling not in POOLINGS:
     raise errors.UserError(f'unknown pooling {pooling!r}; choose one of {", ".join(POOLINGS)}')
+  if not layers:
+    return {}
   wanted = set(layers)
   last = max(order.index(layer) for layer in layers)
   x = preprocess(image, net)[None].astype(compute_dtype)

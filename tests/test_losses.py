@@ -97,7 +97,8 @@ def test_total_variation_seed_form_by_hand(rng):
            for i in range(4) for j in range(6))
   np.testing.assert_allclose(losses.total_variation_l2(image=jnp.asarray(x, jnp.float32)), l2,
                              rtol=1e-4)
-  l1 = np.mean(np.abs(np.diff(x, axis=0))) + np.mean(np.abs(np.diff(x, axis=1)))
+  # pastiche: loss += 0.5 * tv_weight * (mean|dx| + mean|dy|).
+  l1 = 0.5 * (np.mean(np.abs(np.diff(x, axis=0))) + np.mean(np.abs(np.diff(x, axis=1))))
   np.testing.assert_allclose(losses.total_variation_l1(image=jnp.asarray(x, jnp.float32)), l1,
                              rtol=1e-4)
 
@@ -118,8 +119,13 @@ def test_wasserstein_against_numpy_and_zero_at_target(layer):
   expected = (np.sum((mf - ms) ** 2) + np.trace(cf) + np.trace(cs)
               - 2 * np.trace(sqrtm(root @ cf @ root))) / 4
   target = losses.mean_covariance_statistic(jnp.asarray(style))
+  np.testing.assert_allclose(
+      losses.wasserstein(features=jnp.asarray(features), target=target, normalization='none'),
+      expected, rtol=1e-3, atol=1e-4)
+  # On the Gram term's scale: times the style's mean second moment (|μ_s|² + tr Σ_s) / C, / 8.
+  second_moment = (np.sum(ms ** 2) + np.trace(cs)) / 4
   np.testing.assert_allclose(losses.wasserstein(features=jnp.asarray(features), target=target),
-                             expected, rtol=1e-3, atol=1e-4)
+                             expected * second_moment / 8, rtol=1e-3, atol=1e-4)
   assert abs(float(losses.wasserstein(features=jnp.asarray(style), target=target))) < 1e-3
 
 
@@ -129,8 +135,47 @@ def test_mean_std_against_numpy(layer):
   expected = (np.mean((f.mean(0) - s.mean(0)) ** 2)
               + np.mean((np.sqrt(f.var(0) + 1e-5) - np.sqrt(s.var(0) + 1e-5)) ** 2))
   target = losses.mean_std_statistic(jnp.asarray(style))
+  np.testing.assert_allclose(
+      losses.mean_std(features=jnp.asarray(features), target=target, normalization='none'),
+      expected, rtol=1e-4)
+  second_moment = np.mean(s.mean(0) ** 2 + s.var(0) + 1e-5)
   np.testing.assert_allclose(losses.mean_std(features=jnp.asarray(features), target=target),
-                             expected, rtol=1e-4)
+                             expected * second_moment / 8, rtol=1e-4)
+  with pytest.raises(errors.UserError, match="unknown normalization 'x'"):
+    losses.mean_std(features=jnp.asarray(features), target=target, normalization='x')
+
+
+def test_masked_mean_covariance_and_mean_std_are_the_weighted_statistics(rng):
+  features = rng.uniform(0, 3, (6, 8, 4)).astype(np.float32)
+  mask = rng.uniform(0, 1, (6, 8)).astype(np.float32)
+  mask[:, 5:] = 0.0
+  f, w = features.reshape(-1, 4).astype(np.float64), mask.reshape(-1).astype(np.float64)
+  w = w / w.sum()
+  mean = w @ f
+  covariance = (f - mean).T @ np.diag(w) @ (f - mean)
+  got = losses.mean_covariance_statistic(jnp.asarray(features), mask=jnp.asarray(mask))
+  np.testing.assert_allclose(got['mean'], mean, rtol=1e-5)
+  np.testing.assert_allclose(got['covariance'], covariance, rtol=1e-4, atol=1e-6)
+  got = losses.mean_std_statistic(jnp.asarray(features), mask=jnp.asarray(mask))
+  np.testing.assert_allclose(got['std'], np.sqrt(np.diag(covariance) + 1e-5), rtol=1e-5)
+  # Positions outside the mask do not matter: change them, same statistics and losses.
+  changed = features.copy()
+  changed[:, 5:] = 100.0
+  target = losses.mean_covariance_statistic(jnp.asarray(features[::-1]))
+  for term, statistic in ((losses.wasserstein, losses.mean_covariance_statistic),
+                          (losses.mean_std, losses.mean_std_statistic)):
+    target = statistic(jnp.asarray(features[::-1]))
+    a = term(features=jnp.asarray(features), target=target, mask=jnp.asarray(mask))
+    b = term(features=jnp.asarray(changed), target=target, mask=jnp.asarray(mask))
+    c = term(features=jnp.asarray(changed), target=target)
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    assert abs(float(c) - float(a)) > 0.1 * abs(float(a))  # unmasked, the change shows
+
+
+def test_every_built_in_style_term_accepts_a_mask():
+  for name, fn in losses.TERMS.items():
+    if fn.reference == 'style':
+      assert losses.accepts_mask(losses.make_entry(name='s', term=name, layers=('block1_relu1',)))
 
 
 def test_masked_gram_uses_only_the_region(rng):

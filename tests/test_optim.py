@@ -18,7 +18,7 @@ def rosenbrock_like(x):
 
 def run(name, steps, chunk, **kwargs):
   optimizer = optim.make(name, **kwargs)
-  state = optim.init_state(optimizer, jnp.zeros(12))
+  state = optim.init_state(optimizer, jnp.zeros(12), loss_fn=rosenbrock_like)
   fn = jax.jit(lambda s, a: optim.run_chunk(s, loss_fn=rosenbrock_like, optimizer=optimizer,
                                              linesearch=optim.uses_linesearch(name),
                                              length=chunk, active=a))
