@@ -135,6 +135,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.scale_factor = 2 ** 0.5
   # Steps at each coarser scale (the final scale runs `steps`). 0: `steps` at every scale.
   config.coarse_steps = 0
+  # Keep the balance of the loss terms at coarser scales as at the final one: each entry's weight
+  # at a coarse scale is multiplied by (its size at the final scale) / (its size at this scale),
+  # a term's size being its value on the content or the style image, whichever is larger.
+  # Without it the style term outweighs content ~10x at 64 px and the content is lost (README).
+  config.scale_balance = True
   # Batch: stylise several problems in one vmapped program. '' (none), 'style' (each style image
   # separately, instead of blending them), 'content' (content_image holds comma-separated images)
   # or the name of a numeric field (content_weight, style_weight, tv_weight, seed,

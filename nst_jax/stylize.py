@@ -332,6 +332,9 @@ def prepare(config) -> Prepared:
         '--config.optimizer=adam')
 
   masks = None
+  if _split(config.style_masks) and len({c.shape[:2] for c in contents}) > 1:
+    raise errors.UserError('--config.style_masks with content images of different shapes: masks '
+                           'follow one content\'s shape; batch contents of one shape, or no masks')
   if _split(config.style_masks):
     mask_paths = _split(config.style_masks)
     if len(mask_paths) != len(style_images):
@@ -402,6 +405,28 @@ def prepare(config) -> Prepared:
       fingerprint=_config_fingerprint(config))
 
 
+def shape_groups(prepared: Prepared, config) -> list[tuple[list[int], Prepared]]:
+  """Splits a batch into groups whose contents share a shape: one vmapped program per group.
+
+  A batch over contents of different aspect ratios is optimised group by group, so every result
+  keeps its own content's shape (never squashed to the first one's).
+  """
+  by_sizes: dict[tuple, list[int]] = {}
+  for index, content in enumerate(prepared.contents):
+    by_sizes.setdefault(tuple(_scale_sizes(config, content.shape[:2])), []).append(index)
+  if len(by_sizes) == 1:
+    return [(list(range(len(prepared.contents))), prepared)]
+  groups = []
+  for sizes, indices in by_sizes.items():
+    take = lambda values: None if values is None else [values[i] for i in indices]
+    groups.append((indices, dataclasses.replace(
+        prepared, contents=take(prepared.contents), styles=take(prepared.styles),
+        style_blend=take(prepared.style_blend), masks=take(prepared.masks),
+        weights=take(prepared.weights), seeds=take(prepared.seeds),
+        noise_scales=take(prepared.noise_scales), sizes=list(sizes))))
+  return groups
+
+
 # ------------------------------------------------------------------------------------------
 # Per-scale problems.
 
@@ -469,6 +494,38 @@ def build_problems(prepared: Prepared, config, height: int, width: int) -> dict:
           for mask in prepared.masks[index]]
     elements.append(problem)
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *elements)
+
+
+def term_sizes(prepared: Prepared, config, problems: Mapping, height: int, width: int
+               ) -> dict[str, np.ndarray]:
+  """Each entry's size at one scale, per batch element: its weighted value on the content image or
+  on the first style image (resized to the scale), whichever is larger.
+
+  Content terms are zero on the content and style terms small on the style, so this measures the
+  range a term spans between the two ends of the trade-off.
+  """
+  probes = []
+  for index in range(len(prepared.contents)):
+    content, styles = _style_inputs(prepared, index, config, height, width)
+    probes.append((content, images.resize(styles[0], height, width)))
+  sizes = None
+  for which in range(2):
+    batch = jnp.asarray(np.stack([pair[which] for pair in probes]), jnp.float32)
+    parts = to_host(loss_parts(batch, prepared.net, problems, spec=prepared.spec))
+    parts = {name: np.abs(np.asarray(value)) for name, value in parts.items()}
+    sizes = parts if sizes is None else {name: np.maximum(sizes[name], parts[name])
+                                         for name in parts}
+  return sizes
+
+
+def balance_weights(problems: dict, *, sizes: Mapping[str, np.ndarray],
+                    final_sizes: Mapping[str, np.ndarray]) -> dict:
+  """Scales each entry's weight so its size at this scale equals its size at the final scale."""
+  weights = {}
+  for name, weight in problems['weights'].items():
+    ratio = np.where(sizes[name] > 0, final_sizes[name] / np.maximum(sizes[name], 1e-30), 1.0)
+    weights[name] = (np.asarray(weight) * ratio).astype(np.float32)
+  return dict(problems, weights=weights)
 
 
 def initial_images(prepared: Prepared, config, height: int, width: int) -> np.ndarray:
@@ -621,9 +678,15 @@ def _load_checkpoint(path: str, *, template_for: Callable[[int], Any], fingerpri
   return state, scale, records
 
 
+def _tagged(name: str, tag: str) -> str:
+  stem, extension = os.path.splitext(name)
+  return f'{stem}{tag}{extension}'
+
+
 def optimize(prepared: Prepared, config, *, workdir: str,
              progress: report.Progress | None = None,
-             on_chunk: Callable[[int, int, np.ndarray], None] | None = None) -> Outcome:
+             on_chunk: Callable[[int, int, np.ndarray], None] | None = None,
+             tag: str = '', done_before: int = 0) -> Outcome:
   """Runs every scale's optimisation for the whole batch; saves checkpoints and the loss log.
 
   Args:
@@ -633,6 +696,8 @@ def optimize(prepared: Prepared, config, *, workdir: str,
     progress: optional progress display.
     on_chunk: called as ``on_chunk(scale, step, images)`` after every chunk (intermediate
       images).
+    tag: suffix of the checkpoint and loss-log names (one per shape group of a batch).
+    done_before: steps already taken by earlier groups (for the progress display).
 
   Returns:
     The final images and loss records.
@@ -644,8 +709,8 @@ def optimize(prepared: Prepared, config, *, workdir: str,
   spec = prepared.spec
   n = len(prepared.contents)
   n_padded = padded_batch_size(n)
-  checkpoint_path = os.path.join(workdir, CHECKPOINT)
-  log = report.LossLog(os.path.join(workdir, LOSS_LOG))
+  checkpoint_path = os.path.join(workdir, _tagged(CHECKPOINT, tag))
+  log = report.LossLog(os.path.join(workdir, _tagged(LOSS_LOG, tag)))
   optimizer = spec.make_optimizer()
   start_scale, resumed_state = 0, None
   if config.resume and os.path.exists(checkpoint_path):
@@ -664,12 +729,19 @@ def optimize(prepared: Prepared, config, *, workdir: str,
     progress.message(f'no checkpoint in {workdir}; starting afresh')
 
   images_now = None
-  done_before = sum(prepared.steps[:start_scale])
+  done_before += sum(prepared.steps[:start_scale])
+  final_sizes = None
+  if len(prepared.sizes) > 1 and config.scale_balance:
+    final_sizes = term_sizes(prepared, config, build_problems(prepared, config, *prepared.sizes[-1]),
+                             *prepared.sizes[-1])
   with _stop_requests() as stop_requested:
     for scale in range(start_scale, len(prepared.sizes)):
       height, width = prepared.sizes[scale]
-      problems = shard_batch(pad_batch(build_problems(prepared, config, height, width),
-                                       n_padded), n_padded)
+      problems = build_problems(prepared, config, height, width)
+      if final_sizes is not None and scale < len(prepared.sizes) - 1:
+        problems = balance_weights(problems, final_sizes=final_sizes,
+                                   sizes=term_sizes(prepared, config, problems, height, width))
+      problems = shard_batch(pad_batch(problems, n_padded), n_padded)
       if resumed_state is not None:
         state = shard_batch(resumed_state, n_padded)
         resumed_state = None
@@ -767,9 +839,12 @@ def finish_images(prepared: Prepared, config, raw: np.ndarray) -> list[np.ndarra
   return out
 
 
-def write_outputs(prepared: Prepared, config, workdir: str, raw: np.ndarray,
+def write_outputs(prepared: Prepared, config, workdir: str, raw: Sequence[np.ndarray],
                   records: Sequence[Mapping]) -> list[str]:
-  """Writes the result(s), the grid and the loss curve; returns the paths written."""
+  """Writes the result(s), the grid and the loss curve; returns the paths written.
+
+  ``raw`` holds one optimised image per batch element (shapes may differ between elements).
+  """
   finished = finish_images(prepared, config, raw)
   paths = output_paths(config, workdir, len(finished))
   for image, path in zip(finished, paths):
@@ -781,7 +856,9 @@ def write_outputs(prepared: Prepared, config, workdir: str, raw: np.ndarray,
   totals = [float(np.nanmean([v for v in r['loss'] if v is not None] or [np.nan]))
             for r in records]
   report.loss_curve(totals, curve_path)
-  return paths + [grid_path, curve_path, os.path.join(workdir, LOSS_LOG)]
+  logs = sorted(name for name in os.listdir(workdir)
+                if name.startswith('losses') and name.endswith('.jsonl'))
+  return paths + [grid_path, curve_path] + [os.path.join(workdir, name) for name in logs]
 
 
 def configure_jax(config) -> None:
@@ -819,33 +896,76 @@ def run(config, workdir: str) -> list[str]:
   prepared = prepare(config)  # reads and checks everything before the workdir is created
   files.ensure_directory(workdir)
   output_paths(config, workdir, len(prepared.contents))
-  progress = report.Progress(total=sum(prepared.steps), mode=config.progress)
+  groups = shape_groups(prepared, config)
+  progress = report.Progress(total=len(groups) * sum(prepared.steps), mode=config.progress)
   n = len(prepared.contents)
+  shapes = ', '.join(f'{group.sizes[-1][1]}x{group.sizes[-1][0]}' for _, group in groups)
   progress.message(
-      f'stylising {n} image{"s" if n > 1 else ""} at {prepared.sizes[-1][1]}x'
-      f'{prepared.sizes[-1][0]} px (width x height) on {jax.device_count()} {jax.devices()[0].platform} device(s); '
-      f'{sum(prepared.steps)} {config.optimizer} steps; the first chunk includes compilation')
+      f'stylising {n} image{"s" if n > 1 else ""} at {shapes} px (width x height) on '
+      f'{jax.device_count()} {jax.devices()[0].platform} device(s); {sum(prepared.steps)} '
+      f'{config.optimizer} steps' + (f' per shape ({len(groups)} programs)' if len(groups) > 1
+                                     else '') + '; the first chunk includes compilation')
 
-  def on_chunk(scale: int, step: int, raw: np.ndarray) -> None:
-    every = config.save_every
-    if every and step % every < prepared.spec.chunk_size:
-      for index, image in enumerate(finish_images(prepared, config, raw)):
-        suffix = f'_{index}' if len(raw) > 1 else ''
-        images.save(image, os.path.join(workdir, f'step_s{scale}_{step:05d}{suffix}.png'))
-
+  results: list[np.ndarray | None] = [None] * n
+  records: list[dict] = []
   start = time.perf_counter()
   try:
-    outcome = optimize(prepared, config, workdir=workdir, progress=progress, on_chunk=on_chunk)
+    for group_index, (indices, group) in enumerate(groups):
+      tag = f'_{group.sizes[-1][1]}x{group.sizes[-1][0]}' if len(groups) > 1 else ''
+      outcome = optimize(group, config, workdir=workdir, progress=progress, tag=tag,
+                         done_before=group_index * sum(prepared.steps),
+                         on_chunk=_intermediate_writer(group, config, workdir, indices, n))
+      for index, image in zip(indices, outcome.images):
+        results[index] = image
+      records += outcome.records
   except (Stopped, NonFinite) as exc:
-    paths = write_outputs(prepared, config, workdir, exc.images, exc.records)
+    # The group that stopped gives its last good images; groups not reached keep their start.
+    for index, image in zip(indices, exc.images):
+      results[index] = image
+    for later_indices, later in groups[group_index + 1:]:
+      for index, image in zip(later_indices, initial_images(later, config, *later.sizes[-1])):
+        results[index] = image
+    with _signals_ignored():  # a second Ctrl-C must not cut the last good image short
+      paths = write_outputs(prepared, config, workdir, results, records + exc.records)
     progress.message(f'stopped ({exc}); last good image written to {paths[0]}; resume with '
                      '--config.resume=True' if isinstance(exc, Stopped) else
                      f'last finite image written to {paths[0]}')
     raise
-  paths = write_outputs(prepared, config, workdir, outcome.images, outcome.records)
+  with _signals_ignored():
+    paths = write_outputs(prepared, config, workdir, results, records)
   progress.message(f'done in {time.perf_counter() - start:.1f} s; wrote ' + ', '.join(paths))
   checkpoint = os.path.join(workdir, CHECKPOINT)
   if os.path.exists(checkpoint):
     progress.message(f'and {checkpoint} ({os.path.getsize(checkpoint) / 2**20:.0f} MB, mostly the '
                      'L-BFGS history) for --config.resume; delete it when you are done')
   return paths
+
+
+def _intermediate_writer(group: Prepared, config, workdir: str, indices: Sequence[int], n: int
+                         ) -> Callable[[int, int, np.ndarray], None]:
+  """``on_chunk`` for :func:`optimize`: writes intermediate images every ``save_every`` steps."""
+
+  def on_chunk(scale: int, step: int, raw: np.ndarray) -> None:
+    every = config.save_every
+    if every and step % every < group.spec.chunk_size:
+      for index, image in zip(indices, finish_images(group, config, raw)):
+        suffix = f'_{index}' if n > 1 else ''
+        images.save(image, os.path.join(workdir, f'step_s{scale}_{step:05d}{suffix}.png'))
+
+  return on_chunk
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+  """Ignores SIGINT/SIGTERM while the final images are written (main thread only)."""
+  previous = {}
+  try:
+    for number in (signal.SIGINT, signal.SIGTERM):
+      previous[number] = signal.signal(number, signal.SIG_IGN)
+  except ValueError:  # not the main thread
+    pass
+  try:
+    yield
+  finally:
+    for number, old in previous.items():
+      signal.signal(number, old)
