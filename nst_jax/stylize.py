@@ -173,6 +173,7 @@ class Prepared:
   noise_scales: list[float]
   init_image: np.ndarray | None       # a given start image, if config.init is a path
   sizes: list[tuple[int, int]]        # (height, width) per scale, coarse to fine
+  checkpoint_history: str             # 'true', 'false' or 'auto'
   steps: list[int]                    # steps per scale
   fingerprint: str
 
@@ -252,8 +253,16 @@ def _scale_sizes(config, content_shape: tuple[int, int]) -> list[tuple[int, int]
   return sizes
 
 
+def _checkpoint_history(value: Any) -> str:
+  text = str(value).strip().lower()
+  if text not in ('true', 'false', 'auto'):
+    raise errors.UserError(f'--config.checkpoint_history={value!r} must be True, False or auto')
+  return text
+
+
 def _config_fingerprint(config) -> str:
-  skip = {'resume', 'progress', 'steps', 'save_every', 'checkpoint_every', 'compilation_cache'}
+  skip = {'resume', 'progress', 'steps', 'save_every', 'checkpoint_every', 'compilation_cache',
+          'checkpoint_history'}
   data = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in skip}
   return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -401,6 +410,7 @@ def prepare(config) -> Prepared:
       spec=spec, net=net, contents=batch_contents, styles=batch_styles, style_blend=batch_blend,
       masks=batch_masks if masks else None, weights=batch_weights, seeds=seeds,
       noise_scales=noise_scales, init_image=init_image, sizes=sizes,
+      checkpoint_history=_checkpoint_history(config.checkpoint_history),
       steps=[coarse] * (len(sizes) - 1) + [config.steps],
       fingerprint=_config_fingerprint(config))
 
@@ -647,17 +657,41 @@ class Outcome:
   records: list[dict]
 
 
+#: ``checkpoint_history=auto`` keeps the optimiser history in checkpoints only below this size.
+HISTORY_BYTES_LIMIT = 256 * 2**20
+
+
+def history_bytes(state: Mapping) -> int:
+  """Bytes of the optimiser's state (L-BFGS: 2 x memory_size images per batch element)."""
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state['opt_state']))
+
+
+def keep_history(setting: str, state: Mapping) -> bool:
+  """Whether checkpoints carry the optimiser history (``checkpoint_history`` True/False/auto)."""
+  if setting == 'auto':
+    return history_bytes(state) < HISTORY_BYTES_LIMIT
+  return setting == 'true'
+
+
 def _save_checkpoint(path: str, *, state: dict, scale: int, fingerprint: str,
-                     records: list[dict]) -> None:
-  """Writes the resumable state (flax msgpack of the state pytree), atomically."""
-  payload = {'state': serialization.to_state_dict(to_host(state)), 'scale': scale,
-             'fingerprint': fingerprint, 'records': json.dumps(records)}
+                     records: list[dict], with_history: bool) -> None:
+  """Writes the resumable state (flax msgpack of the state pytree), atomically.
+
+  Without the history the file is about the image's size; a resume then restarts the history.
+  """
+  saved = state if with_history else {k: v for k, v in state.items() if k != 'opt_state'}
+  payload = {'state': serialization.to_state_dict(to_host(saved)), 'scale': scale,
+             'fingerprint': fingerprint, 'records': json.dumps(records),
+             'history': with_history}
   files.write_bytes(path, serialization.msgpack_serialize(payload))
 
 
 def _load_checkpoint(path: str, *, template_for: Callable[[int], Any], fingerprint: str
                      ) -> tuple[dict, int, list[dict]]:
-  """Reads a checkpoint; ``template_for(scale)`` gives the state's structure at a scale."""
+  """Reads a checkpoint; ``template_for(scale)`` gives the state's structure at a scale.
+
+  The state has no ``opt_state`` when the checkpoint was written without the history.
+  """
   try:
     with open(path, 'rb') as handle:
       payload = serialization.msgpack_restore(handle.read())
@@ -667,6 +701,8 @@ def _load_checkpoint(path: str, *, template_for: Callable[[int], Any], fingerpri
     scale = int(payload['scale'])
     records = json.loads(payload['records'])
     template = template_for(scale)
+    if not payload.get('history', True):
+      template = {k: v for k, v in template.items() if k != 'opt_state'}
     state = serialization.from_state_dict(template, payload['state'])
   except (OSError, ValueError, KeyError, TypeError) as exc:
     raise errors.UserError(f'checkpoint {path!r} cannot be read or does not match this config '
@@ -728,6 +764,17 @@ def optimize(prepared: Prepared, config, *, workdir: str,
   elif config.resume and progress:
     progress.message(f'no checkpoint in {workdir}; starting afresh')
 
+  said_without_history = []
+
+  def with_history(state: Mapping) -> bool:
+    keep = keep_history(prepared.checkpoint_history, state)
+    if not keep and not said_without_history and progress:
+      progress.message(f'checkpoints leave out the {history_bytes(state) / 2**20:.0f} MB '
+                       'optimiser history (checkpoint_history=auto keeps it under '
+                       f'{HISTORY_BYTES_LIMIT // 2**20} MB); a resume restarts it')
+    said_without_history.append(keep)
+    return keep
+
   images_now = None
   done_before += sum(prepared.steps[:start_scale])
   final_sizes = None
@@ -742,7 +789,16 @@ def optimize(prepared: Prepared, config, *, workdir: str,
         problems = balance_weights(problems, final_sizes=final_sizes,
                                    sizes=term_sizes(prepared, config, problems, height, width))
       problems = shard_batch(pad_batch(problems, n_padded), n_padded)
-      if resumed_state is not None:
+      if resumed_state is not None and 'opt_state' not in resumed_state:
+        # Saved without the history: the optimiser starts afresh from the saved image.
+        fresh = initial_state(shard_batch(jnp.asarray(resumed_state['image']), n_padded),
+                              prepared.net, problems, spec=spec)
+        state = dict(shard_batch(resumed_state, n_padded), opt_state=fresh['opt_state'])
+        resumed_state = None
+        if progress:
+          progress.message('the checkpoint has no optimiser history (checkpoint_history): '
+                           'the L-BFGS history restarts here')
+      elif resumed_state is not None:
         state = shard_batch(resumed_state, n_padded)
         resumed_state = None
       else:
@@ -795,7 +851,8 @@ def optimize(prepared: Prepared, config, *, workdir: str,
         if finite.all() and (stop_requested or (
             config.checkpoint_every and step % config.checkpoint_every < spec.chunk_size)):
           _save_checkpoint(checkpoint_path, state=state, scale=scale,
-                           fingerprint=prepared.fingerprint, records=log.records)
+                           fingerprint=prepared.fingerprint, records=log.records,
+                           with_history=with_history(state))
         if not finite.all():
           bad = int(np.argmin(finite))
           raise NonFinite(f'the loss became non-finite near step {step} of scale {scale + 1} '
@@ -808,7 +865,8 @@ def optimize(prepared: Prepared, config, *, workdir: str,
       log.save()  # also when a scale has no steps
       # A finished scale is checkpointed too, so a resume continues at the next one.
       _save_checkpoint(checkpoint_path, state=state, scale=scale,
-                       fingerprint=prepared.fingerprint, records=log.records)
+                       fingerprint=prepared.fingerprint, records=log.records,
+                       with_history=with_history(state))
   return Outcome(images=images_now, records=log.records)
 
 

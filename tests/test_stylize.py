@@ -78,14 +78,39 @@ def test_real_weights_style_loss_falls_and_content_stays(tmp_path):
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, optimizer):
   full = tiny_config(tmp_path, optimizer=optimizer, init='gaussian', seed=3)
   stylize.run(full, str(tmp_path / 'full'))
-  half = tiny_config(tmp_path, optimizer=optimizer, init='gaussian', seed=3, steps=3)
+  half = tiny_config(tmp_path, optimizer=optimizer, init='gaussian', seed=3, steps=3,
+                     checkpoint_history='True')
   stylize.run(half, str(tmp_path / 'resumed'))
-  resumed = tiny_config(tmp_path, optimizer=optimizer, init='gaussian', seed=3, resume=True)
+  resumed = tiny_config(tmp_path, optimizer=optimizer, init='gaussian', seed=3, resume=True,
+                        checkpoint_history='True')
   stylize.run(resumed, str(tmp_path / 'resumed'))
   a = images.load(str(tmp_path / 'full' / 'result.png'))
   b = images.load(str(tmp_path / 'resumed' / 'result.png'))
   np.testing.assert_array_equal(a, b)
   assert [r['step'] for r in final_losses(str(tmp_path / 'resumed'))] == list(range(1, 7))
+
+
+@pytest.mark.parametrize('setting', ['False', 'auto'])
+def test_checkpoint_without_history_is_image_sized_and_resume_restarts_it(
+    tmp_path, monkeypatch, setting):
+  messages = []
+  monkeypatch.setattr(stylize.report.Progress, 'message',
+                      lambda self, text: messages.append(text))
+  # auto keeps the history only under the limit: lower it below this run's 40 px history.
+  monkeypatch.setattr(stylize, 'HISTORY_BYTES_LIMIT', 1000)
+  stylize.run(tiny_config(tmp_path, steps=3, checkpoint_history=setting), str(tmp_path / 'run'))
+  image_bytes = 40 * 40 * 3 * 4
+  size = os.path.getsize(tmp_path / 'run' / 'checkpoint.msgpack')
+  assert size < 4 * image_bytes, size  # image + last finite image, no 2 x 100 history images
+  if setting == 'auto':
+    assert any('leave out' in m and 'history' in m for m in messages)
+  resumed = tiny_config(tmp_path, resume=True, checkpoint_history=setting)
+  stylize.run(resumed, str(tmp_path / 'run'))
+  assert any('history restarts' in m for m in messages)
+  assert [r['step'] for r in final_losses(str(tmp_path / 'run'))] == list(range(1, 7))
+  with_history = tiny_config(tmp_path, steps=3, checkpoint_history='True')
+  stylize.run(with_history, str(tmp_path / 'full'))
+  assert os.path.getsize(tmp_path / 'full' / 'checkpoint.msgpack') > 100 * image_bytes
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
