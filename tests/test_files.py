@@ -153,3 +153,43 @@ def test_permissions_follow_the_umask_like_open(tmp_path, mask, expected):
     assert os.umask(mask) == mask  # the umask itself is left as it was
   assert _mode(tmp_path / 'atomic') == expected == _mode(tmp_path / 'plain')
 
+
+
+def _proc_shows_umask() -> bool:
+  try:
+    with open('/proc/self/status', 'rb') as status:
+      return any(line.startswith(b'Umask:') for line in status)
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not _proc_shows_umask(), reason='no Umask line in /proc/self/status')
+@pytest.mark.parametrize('mask, expected', [(0o022, 0o644), (0o027, 0o640)])
+def test_umask_is_read_without_setting_it(tmp_path, monkeypatch, mask, expected):
+  # Setting the umask even for an instant changes what files other threads create then.
+  def no_umask(unused_mask):
+    raise AssertionError('os.umask called: the umask was changed to read it')
+
+  with _umask(mask), monkeypatch.context() as patch:
+    patch.setattr(os, 'umask', no_umask)
+    files.write_bytes(str(tmp_path / 'atomic'), b'x')
+  assert _mode(tmp_path / 'atomic') == expected
+
+
+def test_umask_without_proc_is_set_to_private_and_back(tmp_path, monkeypatch):
+  monkeypatch.setattr(files, '_PROC_STATUS', str(tmp_path / 'no_proc_status'))
+  real_umask = os.umask
+  calls = []
+
+  def recording_umask(mask):
+    calls.append(mask)
+    return real_umask(mask)
+
+  with _umask(0o027):
+    with monkeypatch.context() as patch:
+      patch.setattr(os, 'umask', recording_umask)
+      files.write_bytes(str(tmp_path / 'atomic'), b'x')
+    assert os.umask(0o027) == 0o027  # left as it was
+  # Only ever more private for the instant it is read, never 0 (world-writable files).
+  assert calls == [0o077, 0o027]
+  assert _mode(tmp_path / 'atomic') == 0o640

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+import warnings
 import zlib
 
 import numpy as np
@@ -403,3 +405,94 @@ def test_pixel_limit_follows_the_constant(tmp_path, monkeypatch):
   Image.fromarray(_noise(10, 21)).save(tmp_path / 'big.png')
   assert images.load(str(tmp_path / 'ok.png')).shape == (10, 20, 3)
   assert '21x10' in _raises_naming(tmp_path / 'big.png')
+
+
+# --------------------------------------------------------------------------------------------
+# Pillow's global state: raised for a load, left exactly as it was afterwards.
+
+
+def _pillow_state():
+  return Image.MAX_IMAGE_PIXELS, list(warnings.filters)
+
+
+def _make_ok(path):
+  Image.fromarray(_noise(8, 8)).save(path)
+
+
+def _make_text(path):
+  path.write_text('not an image\n')
+
+
+def _make_truncated(path):
+  Image.fromarray(_noise(64, 64)).save(path)
+  path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize('make', [
+    _make_ok, _make_text, _make_truncated,
+    lambda path: _header_only_png(path, 25000, 20000),     # refused by our own size check
+    lambda path: _header_only_png(path, 100000, 100000),   # refused by Pillow's bomb guard
+], ids=['ok', 'not_an_image', 'truncated', 'too_large', 'pillow_bomb_error'])
+def test_pillow_state_is_restored_after_every_outcome(tmp_path, make):
+  before = _pillow_state()
+  path = tmp_path / 'file.png'
+  make(path)
+  try:
+    images.load(str(path))
+  except errors.UserError:
+    pass
+  assert _pillow_state() == before
+
+
+def test_pillow_state_is_restored_after_an_unexpected_exception(tmp_path, monkeypatch):
+  before = _pillow_state()
+  Image.fromarray(_noise(8, 8)).save(tmp_path / 'ok.png')
+
+  def broken_open(path):
+    assert Image.MAX_IMAGE_PIXELS == images.MAX_INPUT_PIXELS  # raised while Pillow reads
+    raise RuntimeError('a bug in a Pillow plugin')
+
+  monkeypatch.setattr(Image, 'open', broken_open)
+  with pytest.raises(RuntimeError, match='a bug in a Pillow plugin'):
+    images.load(str(tmp_path / 'ok.png'))
+  assert _pillow_state() == before
+
+
+def test_overlapping_loads_in_threads_leave_pillow_state_unchanged(tmp_path, monkeypatch):
+  # A saves and raises the limit, B saves the raised one, A restores, B "restores" the raised one:
+  # a plain save/restore per load would leave the global raised after this order.
+  before = _pillow_state()
+  Image.fromarray(_noise(8, 8)).save(tmp_path / 'ok.png')
+  entered = {name: threading.Event() for name in 'AB'}
+  release = {name: threading.Event() for name in 'AB'}
+  real_open = Image.open
+
+  def blocking_open(path):
+    name = threading.current_thread().name
+    assert Image.MAX_IMAGE_PIXELS == images.MAX_INPUT_PIXELS
+    entered[name].set()
+    assert release[name].wait(10)
+    return real_open(path)
+
+  monkeypatch.setattr(Image, 'open', blocking_open)
+  results = {}
+
+  def load(name):
+    results[name] = images.load(str(tmp_path / 'ok.png')).shape
+
+  threads = {name: threading.Thread(target=load, args=(name,), name=name) for name in 'AB'}
+  try:
+    threads['A'].start()
+    assert entered['A'].wait(10)
+    threads['B'].start()
+    assert entered['B'].wait(10)
+    release['A'].set()
+    threads['A'].join(10)
+    assert Image.MAX_IMAGE_PIXELS == images.MAX_INPUT_PIXELS  # B is still reading
+  finally:
+    for name in 'AB':
+      release[name].set()
+      if threads[name].ident is not None:  # started
+        threads[name].join(10)
+  assert results == {'A': (8, 8, 3), 'B': (8, 8, 3)}
+  assert _pillow_state() == before
