@@ -233,11 +233,17 @@ def activation_bytes(height: int, width: int, *, layers: Sequence[str], network:
   return total
 
 
-def _physical_memory() -> int:
+def device_memory() -> tuple[int, str]:
+  """Bytes the optimisation may use, and where: the accelerator's own memory, or host RAM."""
+  device = jax.devices()[0]
+  if device.platform != 'cpu':
+    stats = device.memory_stats() or {}
+    if stats.get('bytes_limit'):
+      return int(stats['bytes_limit']), f'this {device.device_kind}'
   try:
-    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'this machine'
   except (ValueError, OSError, AttributeError):
-    return 1 << 40
+    return 1 << 40, 'this machine'
 
 
 def _scale_sizes(config, content_shape: tuple[int, int]) -> list[tuple[int, int]]:
@@ -333,10 +339,11 @@ def prepare(config) -> Prepared:
                             dtype_bytes=2 if config.compute_dtype == 'bfloat16' else 4)
   lbfgs = 2 * config.memory_size * height * width * 3 * 4 if 'lbfgs' in config.optimizer else 0
   batch_guess = max(len(content_paths), len(style_images), len(_split(config.batch_values)), 1)
-  if (needed + lbfgs) * batch_guess > 0.8 * _physical_memory():
+  available, where = device_memory()
+  if (needed + lbfgs) * batch_guess > 0.8 * available:
     raise errors.UserError(
         f'a {width}x{height} output needs about {(needed + lbfgs) * batch_guess / 2**30:.1f} GiB, '
-        f'more than this machine has ({_physical_memory() / 2**30:.1f} GiB); lower --config.size '
+        f'more than {where} has ({available / 2**30:.1f} GiB); lower --config.size '
         'or --config.memory_size (L-BFGS keeps 2 x memory_size images), or use '
         '--config.optimizer=adam')
 

