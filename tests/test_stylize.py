@@ -560,3 +560,19 @@ def test_histogram_colour_preservation_through_the_pipeline(tmp_path):
   # content's.
   assert redness(red) > redness(content) + 15
   assert abs(redness(kept) - redness(content)) < 0.5 * abs(redness(red) - redness(content))
+
+
+def test_a_second_ctrl_c_during_the_final_write_is_ignored(tmp_path, monkeypatch):
+  # run() writes the final images inside _signals_ignored: a Ctrl-C there must not interrupt.
+  written = []
+
+  def write_outputs(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again while we write
+    time.sleep(0.05)
+    written.append(True)
+    return ['result.png']
+
+  monkeypatch.setattr(stylize, 'write_outputs', write_outputs)
+  stylize.run(tiny_config(tmp_path, steps=3), str(tmp_path / 'run'))
+  assert written == [True]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
