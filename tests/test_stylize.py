@@ -530,6 +530,8 @@ def test_compilation_cache_is_hit_by_a_second_run(tmp_path):
       'from tests.test_stylize import tiny_config; from nst_jax import stylize;'
       'import pathlib; tmp = pathlib.Path(sys.argv[1]);'
       'config = tiny_config(tmp, compilation_cache=str(tmp / "cache"));'
+      'stylize.configure_jax(config); stylize.configure_jax = lambda config: None;'
+      # Cache every program, however quick it compiled (the default skips those under 1 s).
       'jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0);'
       'from jax._src import monitoring; hits = [];'
       'monitoring.register_event_listener(lambda name, **kw: hits.append(name) '
