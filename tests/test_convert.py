@@ -627,7 +627,7 @@ def test_fetch_offline_is_one_line(monkeypatch, tmp_path):
   def offline(*unused_args, **unused_kwargs):
     raise urllib.error.URLError(OSError(-3, 'Temporary failure in name resolution'))
 
-  monkeypatch.setattr(convert.urllib.request, 'urlopen', offline)
+  monkeypatch.setattr(convert.download.urllib.request, 'urlopen', offline)
   output = tmp_path / 'o.npz'
   message = _user_error(convert.convert, 'keras_vgg19', str(output))
   assert message.startswith('could not download the Keras VGG19 weights')
@@ -636,7 +636,7 @@ def test_fetch_offline_is_one_line(monkeypatch, tmp_path):
 
 
 def test_fetch_checks_md5(monkeypatch, tmp_path):
-  monkeypatch.setattr(convert.urllib.request, 'urlopen',
+  monkeypatch.setattr(convert.download.urllib.request, 'urlopen',
                       lambda *args, **kwargs: io.BytesIO(b'<html>captive portal</html>'))
   message = _user_error(convert.convert, 'keras_vgg16', str(tmp_path / 'o.npz'))
   assert 'MD5' in message and convert.KERAS_DOWNLOADS['vgg16'][1] in message
@@ -654,7 +654,7 @@ def test_fetch_then_convert(monkeypatch, sources, random_params, npz_path):
     requested.append(address)
     return io.BytesIO(data)
 
-  monkeypatch.setattr(convert.urllib.request, 'urlopen', fake_urlopen)
+  monkeypatch.setattr(convert.download.urllib.request, 'urlopen', fake_urlopen)
   output = npz_path
   converted = convert.convert('keras_vgg16', output)
   assert requested == [url]
