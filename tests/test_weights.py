@@ -22,6 +22,7 @@ import pytest
 from nst_jax import errors
 from nst_jax import vgg
 from nst_jax import weights
+from tests import helpers
 
 _REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',
                           'embedded_weights_reference.json')
@@ -103,7 +104,7 @@ def test_conv_specs_follow_the_published_configurations(network, channels):
 @pytest.mark.parametrize('network, parameters', [('vgg16', 14_714_688), ('vgg19', 20_024_384)])
 def test_random_weights(network, parameters):
   # Keras' VGG16/VGG19 with include_top=False report 14,714,688 and 20,024,384 parameters.
-  first = weights.random_weights(network=network, seed=5)
+  first = helpers.random_weights(network=network, seed=5)
   assert first.network == network and first.preprocessing == weights.Preprocessing()
   assert list(first.params) == [name for name, _, _ in weights.CONV_SPECS[network]]
   assert sum(a.size for arrays in first.params.values() for a in arrays.values()) == parameters
@@ -114,8 +115,8 @@ def test_random_weights(network, parameters):
     # He initialisation: std sqrt(2 / fan_in), fan_in = 9 * in_channels.
     assert abs(kernel.std() / np.sqrt(2 / (9 * in_channels)) - 1) < 0.1, layer
     assert abs(kernel.mean()) < 0.1 * kernel.std(), layer
-  again = weights.random_weights(network=network, seed=5).params['block1_conv1']['kernel']
-  other = weights.random_weights(network=network, seed=6).params['block1_conv1']['kernel']
+  again = helpers.random_weights(network=network, seed=5).params['block1_conv1']['kernel']
+  other = helpers.random_weights(network=network, seed=6).params['block1_conv1']['kernel']
   np.testing.assert_array_equal(again, first.params['block1_conv1']['kernel'])
   assert not np.array_equal(other, again)
 
