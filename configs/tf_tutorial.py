@@ -24,7 +24,7 @@ def get_config():
   config.losses.content.options = {'reduction': 'half_sum'}
   config.losses.style.layers = ('block1_relu1', 'block2_relu1', 'block3_relu1', 'block4_relu1',
                                 'block5_relu1')
-  config.losses.style.options = {'normalization': 'seed'}
+  config.losses.style.options = {'normalization': 'gatys'}
   config.content_weight = 1.0
   config.style_weight = 1.0
   config.tv_weight = 0.0

@@ -39,8 +39,6 @@ Speed is measured here, never asserted in tests.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import logging
 import os
@@ -90,28 +88,19 @@ def _median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-@functools.cache
-def _pastiche_module():
-  """configs/pastiche.py loaded from its path, as main.py loads a --config file."""
-  path = os.path.join(_ROOT, 'configs', 'pastiche.py')
-  if not os.path.isfile(path):
-    raise errors.UserError(f'{path} not found: run the benchmark from a checkout of nst_jax')
-  spec = importlib.util.spec_from_file_location('nst_jax_benchmark_pastiche_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def pastiche_config():
-  """A fresh copy of pastiche's configuration (configs/pastiche.py's ``get_config()``)."""
-  return _pastiche_module().get_config()
+  """A fresh copy of pastiche's configuration: configs/pastiche.py loaded as a config file."""
+  from nst_jax import plan as plan_lib
+  return plan_lib.load_config_file(os.path.join(plan_lib.ROOT, 'configs', 'pastiche.py'))
 
 
 def _setup(size: int, *, batch: int = 1, **overrides):
-  """A pastiche-loss problem at size x size: (prepared, config, problems, state)."""
+  """A pastiche-loss problem at size x size: (prepared, targets, state)."""
   import jax
   import jax.numpy as jnp
-  from nst_jax import stylize
+  from nst_jax import loop
+  from nst_jax import pipeline
+  from nst_jax import plan as plan_lib
 
   config = pastiche_config()
   config.size = size
@@ -123,11 +112,11 @@ def _setup(size: int, *, batch: int = 1, **overrides):
   if batch > 1:
     config.batch_over = 'seed'
     config.batch_values = ','.join(str(i) for i in range(batch))
-  prepared = stylize.prepare(config)
-  problems = jax.device_put(stylize.build_problems(prepared, config, size, size))
-  start = stylize.initial_images(prepared, config, size, size)
-  state = stylize.initial_state(jnp.asarray(start), prepared.net, problems, spec=prepared.spec)
-  return prepared, config, problems, state
+  prepared = pipeline.prepare(plan_lib.from_config(config))
+  targets = jax.device_put(prepared.scale_targets(size, size))
+  state = loop.initial_state(jnp.asarray(prepared.start_images(size, size)), prepared.net,
+                             targets, program=prepared.program)
+  return prepared, targets, state
 
 
 def _value_and_grad_fn(prepared, length: int):
@@ -136,21 +125,20 @@ def _value_and_grad_fn(prepared, length: int):
   Each evaluation moves the image by a negligible step so XLA cannot hoist it out of the loop.
   """
   import jax
-  from nst_jax import stylize
-  spec = prepared.spec
+  from nst_jax import problem
 
   @jax.jit
-  def fn(images, problems):
-    def one(image, problem):
-      value_and_grad = jax.value_and_grad(
-          lambda x: stylize.objective(x, net=prepared.net, problem=problem, spec=spec)[0])
+  def fn(images, targets):
+    def one(image, problem_targets):
+      value_and_grad = jax.value_and_grad(lambda x: problem.objective(
+          x, net=prepared.net, targets=problem_targets, program=prepared.program)[0])
 
       def body(image, _):
         value, grad = value_and_grad(image)
         return image - 1e-12 * grad, value
 
       return jax.lax.scan(body, image, None, length=length)
-    return jax.vmap(one)(images, problems)
+    return jax.vmap(one)(images, targets)
 
   return fn
 
@@ -214,7 +202,7 @@ def _peak_rise(fn) -> int:
   return -1 if base < 0 else max(peak[0], current()) - base
 
 
-def _step_seconds(prepared, problems, state, *, memory: bool = False
+def _step_seconds(prepared, targets, state, *, memory: bool = False
                   ) -> tuple[float, int, dict]:
   """Median seconds per optimiser step inside a compiled chunk of --chunk steps.
 
@@ -224,13 +212,13 @@ def _step_seconds(prepared, problems, state, *, memory: bool = False
   """
   import jax
   import jax.numpy as jnp
-  from nst_jax import stylize
-  active = jnp.int32(FLAGS.chunk)
+  from nst_jax import loop
+  steps_to_take = jnp.int32(FLAGS.chunk)
   box = [state]
 
   def chunk():
-    box[0], losses = stylize.optimize_chunk(box[0], active, prepared.net, problems,
-                                            spec=prepared.spec)
+    box[0], losses = loop.optimize_chunk(box[0], steps_to_take, prepared.net, targets,
+                                         program=prepared.program)
     jax.block_until_ready(losses)
 
   chunk()  # compile
@@ -251,25 +239,25 @@ def measure_step(size: int, *, batch: int = 1, memory: bool = False, **overrides
   """
   import jax
   import jax.numpy as jnp
-  from nst_jax import stylize
+  from nst_jax import loop
 
-  prepared, _, problems, state = _setup(size, batch=batch, **overrides)
+  prepared, targets, state = _setup(size, batch=batch, **overrides)
   grad_fn = _value_and_grad_fn(prepared, FLAGS.chunk)
   start = time.perf_counter()
-  jax.block_until_ready(grad_fn(state['image'], problems))
+  jax.block_until_ready(grad_fn(state['image'], targets))
   compile_seconds = time.perf_counter() - start
-  jax.block_until_ready(grad_fn(state['image'], problems))  # warm: first-touch page faults
+  jax.block_until_ready(grad_fn(state['image'], targets))  # warm: first-touch page faults
   forward_backward = _median_seconds(
-      lambda: jax.block_until_ready(grad_fn(state['image'], problems)),
+      lambda: jax.block_until_ready(grad_fn(state['image'], targets)),
       FLAGS.repeats) / FLAGS.chunk
-  planned, temp = _planned_bytes(stylize.optimize_chunk.lower(
-      state, jnp.int32(FLAGS.chunk), prepared.net, problems, spec=prepared.spec).compile())
+  planned, temp = _planned_bytes(loop.optimize_chunk.lower(
+      state, jnp.int32(FLAGS.chunk), prepared.net, targets, program=prepared.program).compile())
   flops = None
-  cost = _value_and_grad_fn(prepared, 1).lower(state['image'], problems).compile().cost_analysis()
+  cost = _value_and_grad_fn(prepared, 1).lower(state['image'], targets).compile().cost_analysis()
   if cost:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = cost.get('flops')
-  per_step, peak, _ = _step_seconds(prepared, problems, state, memory=memory)
+  per_step, peak, _ = _step_seconds(prepared, targets, state, memory=memory)
   return {'size': size, 'batch': batch, 'compile_s': compile_seconds,
           'forward_backward_s': forward_backward, 'lbfgs_step_s': per_step,
           'planned_bytes': planned, 'temp_bytes': temp, 'peak_bytes': peak, 'flops': flops}
@@ -294,10 +282,10 @@ def _torch(mode: str, *args: str) -> dict:
 def _write_pair(directory: str, size: int) -> tuple[str, str]:
   """The example content and style at exactly size x size, as PNGs both sides read."""
   from nst_jax import images
-  from nst_jax import stylize
+  from nst_jax import plan as plan_lib
   paths = []
-  for name, example in (('content', stylize.DEFAULT_CONTENT), ('style', stylize.DEFAULT_STYLE)):
-    pixels = images.resize(images.load(stylize.example_path(example)), size, size)
+  for name, example in (('content', plan_lib.DEFAULT_CONTENT), ('style', plan_lib.DEFAULT_STYLE)):
+    pixels = images.resize(images.load(plan_lib.example_path(example)), size, size)
     path = os.path.join(directory, f'{name}_{size}.png')
     images.save(pixels, path)
     paths.append(path)
@@ -379,8 +367,8 @@ def lbfgs_table() -> None:
         f'{"line-search evals, last step":>29}')
   for optimizer in ('lbfgs', 'lbfgs_fixed'):
     for n in (1, 4):
-      prepared, _, problems, state = _setup(size, batch=n, optimizer=optimizer)
-      seconds, _, state = _step_seconds(prepared, problems, state)
+      prepared, targets, state = _setup(size, batch=n, optimizer=optimizer)
+      seconds, _, state = _step_seconds(prepared, targets, state)
       evaluations = optax.tree.get(state['opt_state'], 'num_linesearch_steps', None)
       shown = '-' if evaluations is None else ' '.join(
           str(int(v)) for v in np.asarray(evaluations).ravel())
@@ -391,8 +379,9 @@ def lbfgs_table() -> None:
 def largest_table() -> None:
   import jax
   import jax.numpy as jnp
+  from nst_jax import loop
   from nst_jax import optim
-  from nst_jax import stylize
+  from nst_jax import problem
   budget = FLAGS.memory_gib * 2**30
   print(f'\n== largest square image whose L-BFGS chunk XLA plans within {FLAGS.memory_gib} GiB ==')
   # The L-BFGS history (2 x memory_size images) dominates large images: the image gradient needs
@@ -402,23 +391,23 @@ def largest_table() -> None:
                           ('history 10', {'memory_size': 10}),
                           ('hist10+remat+bf16', {'memory_size': 10, 'remat': True,
                                                  'compute_dtype': 'bfloat16'})):
-    prepared, config, _, _ = _setup(64, **overrides)
+    prepared, _, _ = _setup(64, **overrides)
 
     # Targets are computed once at 64 px; for the plan only their shapes matter, and only the
     # content features' shapes depend on the image size.
-    problems = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            stylize.build_problems(prepared, config, 64, 64))
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          prepared.scale_targets(64, 64))
 
     def planned(size):
-      for targets in problems['content_targets'].values():
-        for layer, (h, w) in stylize.layer_shapes(size, size, list(targets)).items():
+      for targets in shapes['content_targets'].values():
+        for layer, (h, w) in problem.layer_shapes(size, size, list(targets)).items():
           targets[layer] = jax.ShapeDtypeStruct(
               (targets[layer].shape[0], h, w, targets[layer].shape[-1]), targets[layer].dtype)
       state = jax.eval_shape(lambda: jax.vmap(
-          lambda x: optim.init_state(prepared.spec.make_optimizer(), x))(
+          lambda x: optim.init_state(prepared.program.optimizer.make(), x))(
               jnp.zeros((1, size, size, 3))))
-      compiled = stylize.optimize_chunk.lower(state, jnp.int32(1), prepared.net, problems,
-                                              spec=prepared.spec).compile()
+      compiled = loop.optimize_chunk.lower(state, jnp.int32(1), prepared.net, shapes,
+                                           program=prepared.program).compile()
       return _planned_bytes(compiled)[0]
 
     low, high = 256, 256
@@ -476,28 +465,34 @@ def _e2e_run(config, workdir: str, *, until_seconds: float | None = None) -> dic
     included); ``records``: the loss log; ``seconds``/``image``: at step --e2e_steps.
   """
   import jax
-  from nst_jax import stylize
+  from nst_jax import loop
+  from nst_jax import outputs
+  from nst_jax import pipeline
+  from nst_jax import plan as plan_lib
   jax.clear_caches()  # every setting compiles its own programs, as a fresh process would
   steps = config.steps
   if until_seconds is not None:
     config.steps = 100 * steps  # stopped by _Enough long before
-  prepared = stylize.prepare(config)
+  prepared = pipeline.prepare(plan_lib.from_config(config))
+  task = prepared.whole_task()
   os.makedirs(workdir, exist_ok=True)
-  final, chunks = len(prepared.sizes) - 1, []
+  final, chunks = len(task.sizes) - 1, []
   start = time.perf_counter()
 
-  def on_chunk(scale, step, raw):
+  def on_chunk(scale, step, optimized):
     seconds = time.perf_counter() - start
     if scale == final:
-      chunks.append((seconds, step, stylize.finish_images(prepared, config, raw)[0]))
+      chunks.append((seconds, step, outputs.finished(
+          optimized, contents=prepared.batch.contents,
+          preserve_color=prepared.plan.images.preserve_color)[0]))
       if until_seconds is not None and step >= steps and seconds >= until_seconds:
         raise _Enough
 
   try:
-    stylize.optimize(prepared, config, workdir=workdir, on_chunk=on_chunk)
+    loop.optimize(task, pipeline.saving(prepared.plan, workdir), on_chunk=on_chunk)
   except _Enough:
     pass
-  with open(os.path.join(workdir, stylize.LOSS_LOG)) as f:
+  with open(os.path.join(workdir, pipeline.LOSS_LOG)) as f:
     records = [json.loads(line) for line in f]
   seconds, _, image = next(chunk for chunk in chunks if chunk[1] >= steps)
   return {'chunks': chunks, 'records': records, 'seconds': seconds, 'image': image,

@@ -192,14 +192,14 @@ def content_mse(*, features: jax.Array, target: jax.Array, **unused) -> jax.Arra
 # Style terms.
 
 #: Gram normalisations. Each maps Σ(Ĝ−Â)² (Ĝ, Â: Grams per position) to the loss, given the layer
-#: size: ``seed`` is Gatys' Σ(G−A)²/(4N²M²); ``keras`` the Keras tutorial's Σ(G−A)²/(4·3²·(HW)²),
+#: size: ``gatys`` is Gatys' Σ(G−A)²/(4N²M²); ``keras`` the Keras tutorial's Σ(G−A)²/(4·3²·(HW)²),
 #: HW the image's pixel count and 3 hard-coded; ``jcjohnson`` MSE of FFᵀ/(CHW) (neural-style);
 #: ``pastiche`` MSE of FFᵀ/(HW) (pastiche).
-GRAM_NORMALIZATIONS = ('seed', 'keras', 'jcjohnson', 'pastiche')
+GRAM_NORMALIZATIONS = ('gatys', 'keras', 'jcjohnson', 'pastiche')
 
 
 def _gram_scale(normalization: str, *, channels: int, positions: int, image_pixels: int) -> float:
-  if normalization == 'seed':
+  if normalization == 'gatys':
     return 1.0 / (4.0 * channels ** 2)
   if normalization == 'keras':
     return positions ** 2 / (4.0 * 3 ** 2 * image_pixels ** 2)
@@ -213,10 +213,10 @@ def _gram_scale(normalization: str, *, channels: int, positions: int, image_pixe
 
 @register('gram', reference='style', statistic=gram_statistic)
 def gram_loss(*, features: jax.Array, target: jax.Array, image: jax.Array,
-              mask: jax.Array | None = None, normalization: str = 'seed', **unused) -> jax.Array:
+              mask: jax.Array | None = None, normalization: str = 'gatys', **unused) -> jax.Array:
   """Gram-matrix style loss of one layer with a named normalisation (:data:`GRAM_NORMALIZATIONS`).
 
-  With equal image and style sizes and ``normalization="seed"`` this is exactly Gatys et al.'s
+  With equal image and style sizes and ``normalization="gatys"`` this is exactly Gatys et al.'s
   ``E_l = Σ (G − A)² / (4 N² M²)``; comparing Grams per position keeps it right when the style
   image has another size.
   """

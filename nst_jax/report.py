@@ -86,9 +86,12 @@ class Progress:
 
 
 class LossLog:
-  """Per-step loss records, saved as JSON lines (one object per step) atomically."""
+  """Per-step loss records, saved as JSON lines (one object per step) atomically.
 
-  def __init__(self, path: str, records: Sequence[Mapping[str, Any]] = ()):
+  With ``path=None`` the records are kept in memory only (the Python API without a workdir).
+  """
+
+  def __init__(self, path: str | None, records: Sequence[Mapping[str, Any]] = ()):
     self.path = path
     self.records: list[dict[str, Any]] = [dict(r) for r in records]
 
@@ -96,6 +99,8 @@ class LossLog:
     self.records.append(dict(record))
 
   def save(self) -> None:
+    if self.path is None:
+      return
     files.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in self.records))
 
 

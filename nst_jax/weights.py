@@ -212,25 +212,3 @@ def load(path: str | None = None, *, network: str = 'vgg19') -> VggWeights:
                            f'{preprocessing.channel_order!r}, expected "BGR" or "RGB"')
   return VggWeights(network=network, params=params, preprocessing=preprocessing)
 
-
-def random_weights(*, network: str = 'vgg19', seed: int = 0,
-                   preprocessing: Preprocessing = Preprocessing()) -> VggWeights:
-  """He-initialised random weights of the right shapes, for tests and for trying presets.
-
-  Args:
-    network: ``"vgg19"`` or ``"vgg16"``.
-    seed: NumPy seed.
-    preprocessing: the preprocessing to attach.
-
-  Returns:
-    Random float32 weights.
-  """
-  rng = np.random.default_rng(seed)
-  params = {}
-  for layer, in_channels, out_channels in CONV_SPECS[network]:
-    scale = np.sqrt(2.0 / (9 * in_channels))
-    params[layer] = {
-        'kernel': (rng.standard_normal((3, 3, in_channels, out_channels)) * scale).astype(np.float32),
-        'bias': (rng.standard_normal(out_channels) * 0.1).astype(np.float32),
-    }
-  return VggWeights(network=network, params=params, preprocessing=preprocessing)

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: random VGG weights of the right shapes.
+"""Helpers shared by the tests: random VGG weights of the right shapes, tiny end-to-end runs.
 
 Imported as ``from tests import helpers`` (``tests/conftest.py`` puts the repository root on
 ``sys.path``).
@@ -6,7 +6,11 @@ Imported as ``from tests import helpers`` (``tests/conftest.py`` puts the reposi
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
+from PIL import Image
 
 from nst_jax import weights
 
@@ -32,3 +36,66 @@ def random_weights(
     bias = rng.standard_normal(out_channels) * 0.1
     params[layer] = {'kernel': kernel.astype(np.float32), 'bias': bias.astype(np.float32)}
   return weights.VggWeights(network=network, params=params, preprocessing=preprocessing)
+
+
+# ------------------------------------------------------------------------------------------
+# Tiny end-to-end runs.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHALLOW_STYLE = ('block1_relu1', 'block2_relu1', 'block3_relu1')
+
+
+def tiny_config(tmp_path=None, **overrides):
+  """The default config shrunk: 32-48 px, shallow layers, a few steps, no cache, no bar.
+
+  ``overrides`` are fields, dotted for nested ones (``'losses.style.term'`` as a dict key).
+  """
+  from configs import default
+  config = default.get_config()
+  config.size = 40
+  config.steps = 6
+  config.chunk_size = 3
+  config.checkpoint_every = 3
+  config.progress = 'none'
+  config.compilation_cache = ''
+  config.losses.content.layers = ('block2_relu2',)
+  config.losses.style.layers = SHALLOW_STYLE
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def run(config, workdir):
+  """``main.py``'s path without the command line: the paths written."""
+  from nst_jax import pipeline
+  from nst_jax import plan
+  return pipeline.run(plan.from_config(config), str(workdir)).paths
+
+
+def prepare(config):
+  """The config's inputs read and checked (:func:`nst_jax.pipeline.prepare`)."""
+  from nst_jax import pipeline
+  from nst_jax import plan
+  return pipeline.prepare(plan.from_config(config))
+
+
+def write_image(path, pixels):
+  Image.fromarray(np.asarray(pixels, np.uint8)).save(path)
+  return str(path)
+
+
+def final_losses(workdir):
+  lines = open(os.path.join(workdir, 'losses.jsonl')).read().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+def example(name):
+  """An embedded example image's pixels ('content' or 'style')."""
+  from nst_jax import images
+  from nst_jax import plan
+  return images.load(plan.example_path(
+      plan.DEFAULT_CONTENT if name == 'content' else plan.DEFAULT_STYLE))

@@ -7,7 +7,7 @@ core, plus one) as soon as the first is needed.
 
 Then: importing nst_jax changes no process state while main.py sets its XLA flag (subprocesses
 with a clean environment), and XLA's out-of-memory error becomes one line (main.main in-process,
-stylize.run replaced).
+pipeline.run replaced).
 """
 
 from __future__ import annotations
@@ -246,7 +246,9 @@ def test_cli_error(case, launched):
 # Importing nst_jax changes nothing; the entry point sets its XLA flag.
 
 #: The modules the "no side effects on import" check must cover (every module is imported).
-_MODULES = ('nst_jax.stylize', 'nst_jax.losses', 'nst_jax.vgg', 'nst_jax.images', 'nst_jax.files',
+_MODULES = ('nst_jax.plan', 'nst_jax.inputs', 'nst_jax.problem', 'nst_jax.loop',
+            'nst_jax.devices', 'nst_jax.checkpoints', 'nst_jax.outputs', 'nst_jax.pipeline',
+            'nst_jax.api', 'nst_jax.losses', 'nst_jax.vgg', 'nst_jax.images', 'nst_jax.files',
             'nst_jax.optim', 'nst_jax.metrics', 'nst_jax.report', 'nst_jax.color',
             'nst_jax.weights', 'nst_jax.convert', 'nst_jax.convert.common',
             'nst_jax.convert.detect', 'nst_jax.convert.keras', 'nst_jax.convert.torchvision',
@@ -342,16 +344,16 @@ _MAIN_WITH_FAKE_RUN = r'''
 import json, os, runpy, sys
 import jax
 from jax._src import xla_bridge
-from nst_jax import stylize
+from nst_jax import pipeline
 
-def fake_run(config, workdir):
+def fake_run(plan, workdir):
   seen = {'XLA_FLAGS': os.environ.get('XLA_FLAGS'),
           'backends_initialized_before_run': xla_bridge.backends_are_initialized()}
   seen['platform'] = jax.devices()[0].platform  # XLA starts, and accepts the flag
   print(json.dumps(seen))
   return []
 
-stylize.run = fake_run
+pipeline.run = fake_run
 sys.argv = ['main.py', '--workdir=' + sys.argv[1], '--config.progress=none']
 runpy.run_path('main.py', run_name='__main__')
 '''
@@ -395,7 +397,7 @@ def test_real_xla_out_of_memory_is_one_line(cli, capsys, monkeypatch):
     # 4 PiB: beyond any machine's address space, so XLA refuses it at once (no real allocation).
     jnp.zeros((1 << 50,), jnp.float32).block_until_ready()
 
-  monkeypatch.setattr(main.stylize, 'run', run)
+  monkeypatch.setattr(main.pipeline, 'run', run)
   status, out, err = _run_main(main, capsys)
   assert status == errors.EXIT_USER_ERROR
   assert out == '' and err.count('\n') == 1 and 'Traceback' not in err, err
@@ -429,7 +431,7 @@ def test_gpu_style_out_of_memory_names_size_batch_and_levers(cli, capsys, monkey
     raise jax.errors.JaxRuntimeError(
         'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.')
 
-  monkeypatch.setattr(main.stylize, 'run', run)
+  monkeypatch.setattr(main.pipeline, 'run', run)
   status, out, err = _run_main(main, capsys)
   assert status == errors.EXIT_USER_ERROR and out == '' and err.count('\n') == 1, err
   for text in expected:
@@ -446,6 +448,6 @@ def test_other_xla_runtime_errors_are_not_swallowed(cli, monkeypatch):
   def run(unused_config, unused_workdir):
     raise jax.errors.JaxRuntimeError('INTERNAL: something else went wrong')
 
-  monkeypatch.setattr(main.stylize, 'run', run)
+  monkeypatch.setattr(main.pipeline, 'run', run)
   with pytest.raises(jax.errors.JaxRuntimeError, match='INTERNAL'):
     main.main(['main.py'])

@@ -170,3 +170,13 @@ def test_recombine_clips_to_pixel_range():
   content[..., 0] = 255  # strongly red chroma on a bright luminance leaves the gamut
   out = color.recombine(result, content=content)
   assert out.min() >= 0 and out.max() <= 255 and out.max() == 255
+
+
+def test_histogram_matching_gives_the_style_the_content_colours(rng):
+  style = rng.uniform(0, 255, (30, 30, 3)) * np.array([1.0, 0.3, 0.1])
+  content = rng.uniform(0, 255, (20, 20, 3)) * np.array([0.2, 0.5, 0.9]) + 10
+  matched = color.match_histogram(style, reference=content)
+  np.testing.assert_allclose(matched.reshape(-1, 3).mean(0), content.reshape(-1, 3).mean(0),
+                             atol=1.5)
+  np.testing.assert_allclose(np.cov(matched.reshape(-1, 3), rowvar=False),
+                             np.cov(content.reshape(-1, 3), rowvar=False), rtol=0.1, atol=20)

@@ -44,7 +44,7 @@ def test_gram_seed_form_is_gatys_formula(layer):
   expected = np.sum((numpy_gram(features) - numpy_gram(style)) ** 2) / (4 * n ** 2 * m ** 2)
   target = losses.gram_statistic(jnp.asarray(style))
   got = losses.gram_loss(features=jnp.asarray(features), target=target,
-                         image=jnp.zeros((12, 10, 3)), normalization='seed')
+                         image=jnp.zeros((12, 10, 3)), normalization='gatys')
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 

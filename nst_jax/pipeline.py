@@ -1,0 +1,272 @@
+"""The orchestrator: plan -> inputs -> problem -> optimisation loop -> outputs.
+
+:func:`run` reads top to bottom in that order. It owns what belongs to the whole run: JAX's
+process settings, the progress display, Ctrl-C/SIGTERM (stop after the current chunk, write the
+last good image, keep a checkpoint to resume from) and the one-program-per-content-shape split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nst_jax import devices
+from nst_jax import errors
+from nst_jax import files
+from nst_jax import inputs
+from nst_jax import loop
+from nst_jax import losses
+from nst_jax import outputs
+from nst_jax import plan as plan_lib
+from nst_jax import problem
+from nst_jax import report
+from nst_jax import vgg
+from nst_jax import weights
+
+CHECKPOINT = 'checkpoint.msgpack'
+LOSS_LOG = 'losses.jsonl'
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A plan's inputs read and checked, ready to optimise."""
+
+  plan: plan_lib.Plan
+  batch: inputs.Batch
+  net: dict                          # vgg.prepare output
+  program: problem.Program
+
+  def task(self, indices: Sequence[int], size: tuple[int, int]) -> loop.Task:
+    """The optimisation of the problems at ``indices``, whose results are ``size``."""
+    return loop.Task(batch=self.batch.select(indices), images_plan=self.plan.images, net=self.net,
+                     program=self.program, sizes=self.plan.schedule.sizes(size),
+                     schedule=self.plan.schedule)
+
+  def whole_task(self) -> loop.Task:
+    """The optimisation of the whole batch (its contents must share one shape)."""
+    return self.task(range(len(self.batch)),
+                     self.plan.images.output_size(self.batch.contents[0].shape[:2]))
+
+  def scale_targets(self, height: int, width: int) -> dict:
+    """Every problem's targets at a height x width scale (host arrays, leading axis N)."""
+    return problem.scale_targets(self.batch, self.plan.images, net=self.net,
+                                 program=self.program, height=height, width=width)
+
+  def start_images(self, height: int, width: int) -> np.ndarray:
+    """Every problem's start image at a height x width scale, (N, H, W, 3)."""
+    return inputs.start_images(self.batch, self.plan.images,
+                               mean_rgb=np.asarray(self.net['mean_rgb']), height=height,
+                               width=width)
+
+
+@dataclasses.dataclass
+class Result:
+  """Finished images (one (H, W, 3) float array in 0-255 per problem) and the files written."""
+
+  images: list[np.ndarray]
+  paths: list[str]
+
+
+def configure_jax(outputs_plan: plan_lib.OutputPlan) -> None:
+  """Process-wide JAX settings: the multi-host start, the compilation cache."""
+  if outputs_plan.distributed:
+    jax.distributed.initialize()  # reads the coordinator from the environment (see README)
+  if outputs_plan.compilation_cache:
+    cache = os.path.expanduser(outputs_plan.compilation_cache)
+    try:
+      os.makedirs(cache, exist_ok=True)
+    except OSError:
+      return  # an unwritable cache only costs compile time
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def _check_memory(plan: plan_lib.Plan, batch: inputs.Batch) -> None:
+  """Refuses, in one line, a run whose planned memory exceeds 80% of the device's."""
+  height, width = plan.images.output_size(batch.contents[0].shape[:2])
+  lbfgs = 'lbfgs' in plan.optimizer.name
+  needed = devices.planned_bytes(
+      height, width, layers=losses.feature_layers(plan.entries), network=plan.network.name,
+      compute_dtype=plan.network.compute_dtype,
+      history_images=2 * plan.optimizer.memory_size if lbfgs else 0, batch=len(batch))
+  available, where = devices.device_memory()
+  if needed > 0.8 * available:
+    raise errors.UserError(
+        f'a {width}x{height} output needs about {needed / 2**30:.1f} GiB, more than {where} has '
+        f'({available / 2**30:.1f} GiB); lower --config.size or --config.memory_size (L-BFGS '
+        'keeps 2 x memory_size images), or use --config.optimizer=adam')
+
+
+def prepare(plan: plan_lib.Plan, *, contents: Sequence[inputs.Source] = (),
+            styles: Sequence[inputs.Source] = ()) -> Prepared:
+  """Reads every input, checks the memory, loads the network (raises UserError on bad input)."""
+  batch = inputs.read_batch(plan.images, plan.batch, entry_weights=plan.entry_weights,
+                            contents=contents, styles=styles)
+  _check_memory(plan, batch)
+  vgg_weights = weights.load(plan.network.weights_path or None, network=plan.network.name)
+  net = vgg.prepare(vgg_weights, dtype=jnp.dtype(plan.network.compute_dtype))
+  program = problem.Program(entries=plan.entries, network=plan.network, optimizer=plan.optimizer)
+  return Prepared(plan=plan, batch=batch, net=net, program=program)
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+  """Turns the first SIGINT/SIGTERM into a request to stop after the current chunk."""
+  requested: list[int] = []
+  previous = {}
+
+  def handler(signal_number, frame):
+    requested.append(signal_number)
+    # A second Ctrl-C interrupts at once (the last good image is still written by `run`).
+    signal.signal(signal_number, previous[signal_number])
+
+  try:
+    for number in (signal.SIGINT, signal.SIGTERM):
+      previous[number] = signal.signal(number, handler)
+  except ValueError:  # not the main thread: no signal handling
+    pass
+  try:
+    yield requested
+  finally:
+    for number, old in previous.items():
+      signal.signal(number, old)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+  """Ignores SIGINT/SIGTERM while the final images are written (main thread only)."""
+  previous = {}
+  try:
+    for number in (signal.SIGINT, signal.SIGTERM):
+      previous[number] = signal.signal(number, signal.SIG_IGN)
+  except ValueError:  # not the main thread
+    pass
+  try:
+    yield
+  finally:
+    for number, old in previous.items():
+      signal.signal(number, old)
+
+
+def _tagged(name: str, tag: str) -> str:
+  stem, extension = os.path.splitext(name)
+  return f'{stem}{tag}{extension}'
+
+
+def saving(plan: plan_lib.Plan, workdir: str | None, tag: str = '') -> loop.Saving:
+  """Where the loop writes checkpoints and the loss log (workdir None: nowhere)."""
+  where = (lambda name: None) if workdir is None else (
+      lambda name: os.path.join(workdir, _tagged(name, tag)))
+  return loop.Saving(checkpoint_path=where(CHECKPOINT), log_path=where(LOSS_LOG),
+                     checkpoint_every=plan.outputs.checkpoint_every,
+                     checkpoint_history=plan.outputs.checkpoint_history,
+                     resume=plan.outputs.resume, fingerprint=plan.fingerprint)
+
+
+def _announce(prepared: Prepared, groups, progress: report.Progress) -> None:
+  plan, n = prepared.plan, len(prepared.batch)
+  steps = sum(plan.schedule.steps_per_scale)
+  shapes = ', '.join(f'{width}x{height}' for _, (height, width) in groups)
+  progress.message(
+      f'stylising {n} image{"s" if n > 1 else ""} at {shapes} px (width x height) on '
+      f'{jax.device_count()} {jax.devices()[0].platform} device(s); {steps} '
+      f'{plan.optimizer.name} steps' + (f' per shape ({len(groups)} programs)' if len(groups) > 1
+                                        else '') + '; the first chunk includes compilation')
+
+
+def _optimize_groups(prepared: Prepared, groups, *, workdir: str | None,
+                     progress: report.Progress) -> tuple[list[np.ndarray], list[dict]]:
+  """Optimises each shape group in turn; returns the finished images in batch order."""
+  plan, n = prepared.plan, len(prepared.batch)
+  finish = lambda indices: lambda optimized: outputs.finished(
+      optimized, contents=[prepared.batch.contents[i] for i in indices],
+      preserve_color=plan.images.preserve_color)
+  results: list = [None] * n
+  records: list[dict] = []
+  steps = sum(plan.schedule.steps_per_scale)
+  with _stop_requests() as requested:
+    for group_index, (indices, size) in enumerate(groups):
+      tag = f'_{size[1]}x{size[0]}' if len(groups) > 1 else ''
+      on_chunk = None if workdir is None else outputs.intermediate_writer(
+          workdir, every=plan.outputs.save_every, chunk_size=plan.optimizer.chunk_size,
+          indices=indices, n=n, finish=finish(indices))
+      try:
+        outcome = loop.optimize(prepared.task(indices, size), saving(plan, workdir, tag),
+                                progress=progress, on_chunk=on_chunk,
+                                stop_signal=lambda: requested[0] if requested else 0,
+                                done_before=group_index * steps)
+      except (loop.Stopped, loop.NonFinite) as exc:
+        # The group that stopped gives its last good images; groups not reached keep their start.
+        for index, image in zip(indices, finish(indices)(exc.images)):
+          results[index] = image
+        for later, later_size in groups[group_index + 1:]:
+          start = prepared.start_images(*later_size)[later]
+          for index, image in zip(later, finish(later)(start)):
+            results[index] = image
+        exc.images, exc.records = results, records + exc.records
+        raise
+      for index, image in zip(indices, finish(indices)(outcome.images)):
+        results[index] = image
+      records += outcome.records
+  return results, records
+
+
+def run(plan: plan_lib.Plan, workdir: str | None, *, contents: Sequence[inputs.Source] = (),
+        styles: Sequence[inputs.Source] = ()) -> Result:
+  """Stylises as the plan says; writes everything into ``workdir`` (None: nothing is written).
+
+  Args:
+    plan: from :func:`nst_jax.plan.from_config`.
+    workdir: output folder (created if needed), or None to keep everything in memory.
+    contents: content images replacing the plan's paths (arrays or paths; the Python API).
+    styles: style images replacing the plan's paths.
+
+  Returns:
+    The finished images and the paths written.
+
+  Raises:
+    errors.UserError: bad input, or a non-finite loss (after writing the last finite image).
+    loop.Stopped: SIGINT/SIGTERM (after writing the last good image and a checkpoint).
+  """
+  configure_jax(plan.outputs)
+  if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError(f'--workdir {workdir!r} exists and is not a directory; choose another')
+  prepared = prepare(plan, contents=contents, styles=styles)  # before the workdir is created
+  if workdir is not None:
+    files.ensure_directory(workdir)
+  groups = inputs.shape_groups(prepared.batch, plan.images)
+  progress = report.Progress(total=len(groups) * sum(plan.schedule.steps_per_scale),
+                             mode=plan.outputs.progress)
+  _announce(prepared, groups, progress)
+  start = time.perf_counter()
+  write = lambda results, records: [] if workdir is None else outputs.write(
+      workdir, output=plan.outputs.output, batch=prepared.batch, results=results,
+      records=records)
+  try:
+    results, records = _optimize_groups(prepared, groups, workdir=workdir, progress=progress)
+  except (loop.Stopped, loop.NonFinite) as exc:
+    with _signals_ignored():  # a second Ctrl-C must not cut the last good image short
+      paths = write(exc.images, exc.records)
+    if paths:
+      progress.message(f'stopped ({exc}); last good image written to {paths[0]}; resume with '
+                       '--config.resume=True' if isinstance(exc, loop.Stopped) else
+                       f'last finite image written to {paths[0]}')
+    raise
+  with _signals_ignored():
+    paths = write(results, records)
+  progress.message(f'done in {time.perf_counter() - start:.1f} s'
+                   + (f'; wrote {", ".join(paths)}' if paths else ''))
+  checkpoint = None if workdir is None else os.path.join(workdir, CHECKPOINT)
+  if checkpoint and os.path.exists(checkpoint):
+    progress.message(f'and {checkpoint} ({os.path.getsize(checkpoint) / 2**20:.0f} MB, mostly the '
+                     'L-BFGS history) for --config.resume; delete it when you are done')
+  return Result(images=results, paths=paths)

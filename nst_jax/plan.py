@@ -1,0 +1,364 @@
+"""The config, checked and turned into a frozen, typed plan: the only module that reads a config.
+
+:func:`from_config` checks every field of a ``configs/default.py``-like ``ConfigDict`` and raises
+the one-line :class:`nst_jax.errors.UserError` of a bad setting; below it no module reads a config
+field, each function takes the few typed values it needs. Files are not read here (see
+:mod:`nst_jax.inputs`), so a plan can also be built for arrays (:mod:`nst_jax.api`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from nst_jax import color
+from nst_jax import errors
+from nst_jax import images
+from nst_jax import losses
+from nst_jax import optim
+from nst_jax import report
+from nst_jax import vgg
+from nst_jax import weights
+
+#: Fields that may be batched with ``batch_over`` (numeric, so they can differ inside one program).
+BATCHABLE_FIELDS = ('content_weight', 'style_weight', 'tv_weight', 'seed', 'init_noise_scale')
+INITS = ('content', 'style', 'uniform', 'gaussian')
+#: Smallest output side: VGG's five poolings need at least 32 px to leave a 1x1 block5 feature.
+MIN_SIZE = 32
+#: Largest output side accepted at all (memory is checked separately).
+MAX_SIZE = 16384
+DEFAULT_CONTENT = 'astronaut.jpg'
+DEFAULT_STYLE = 'starry_night.jpg'
+#: Fields that do not change the result, left out of a checkpoint's config fingerprint.
+_NOT_FINGERPRINTED = ('resume', 'progress', 'steps', 'save_every', 'checkpoint_every',
+                      'compilation_cache', 'checkpoint_history')
+
+
+#: The checkout's top folder, where configs/ lives.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config_file(path: str):
+  """``get_config()`` of a config file (e.g. ``configs/pastiche.py``), loaded as main.py does.
+
+  A bare name such as ``'pastiche'`` means ``configs/pastiche.py`` of this checkout.
+  """
+  if os.sep not in path and not path.endswith('.py'):
+    path = os.path.join(ROOT, 'configs', f'{path}.py')
+  if not os.path.isfile(path):
+    raise errors.UserError(f'config file {path} not found; give a path to a config file such as '
+                           'configs/default.py of a checkout of nst_jax')
+  spec = importlib.util.spec_from_file_location(
+      f'nst_jax_config_{os.path.splitext(os.path.basename(path))[0]}', path)
+  module = importlib.util.module_from_spec(spec)
+  added = ROOT not in sys.path
+  if added:  # presets import configs.default, as they do under main.py
+    sys.path.insert(0, ROOT)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    if added:
+      sys.path.remove(ROOT)
+  return module.get_config()
+
+
+def example_path(name: str) -> str:
+  """Path of an embedded example image (see nst_jax/assets/README.md for licences)."""
+  return str(resources.files('nst_jax').joinpath('assets', 'examples', name))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagesPlan:
+  """Which images to read and how to size, colour-handle and initialise them."""
+
+  content_paths: tuple[str, ...]     # one, or several with batch_over=content
+  style_paths: tuple[str, ...]
+  style_blend: tuple[float, ...]     # one per style image, summing to 1
+  mask_paths: tuple[str, ...]        # empty, or one per style image
+  size: int                          # longer side of the output
+  square: bool
+  style_scale: float
+  preserve_color: str                # one of color.MODES
+  init: str                          # one of INITS, or 'file' (init_path)
+  init_path: str
+  init_noise_scale: float
+  seed: int
+
+  def output_size(self, content_shape: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the result for a content of ``content_shape``."""
+    return images.fit_size(*content_shape, size=self.size, square=self.square)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkPlan:
+  """The feature network (hashable: part of the compiled program's static description)."""
+
+  name: str                          # 'vgg19' or 'vgg16'
+  weights_path: str                  # '' = the embedded weights
+  pooling: str
+  remat: bool
+  compute_dtype: str                 # 'float32' or 'bfloat16'
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerPlan:
+  """The optimiser and how many of its steps one compiled chunk takes (hashable)."""
+
+  name: str                          # one of optim.OPTIMIZERS
+  learning_rate: float
+  memory_size: int
+  max_linesearch_steps: int
+  adam_b1: float
+  adam_b2: float
+  adam_eps: float
+  lbfgs_restart: bool
+  chunk_size: int
+
+  def make(self):
+    """The optax transformation."""
+    return optim.make(self.name, learning_rate=self.learning_rate,
+                      memory_size=self.memory_size, max_linesearch_steps=self.max_linesearch_steps,
+                      adam_b1=self.adam_b1, adam_b2=self.adam_b2, adam_eps=self.adam_eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulePlan:
+  """Coarse to fine: the scales and the steps at each."""
+
+  scales: int
+  scale_factor: float
+  steps: int                         # at the final scale
+  coarse_steps: int                  # at each coarser scale
+  scale_balance: bool
+  content_detail: bool               # finer scales start with the content's detail put back
+
+  def sizes(self, final: tuple[int, int]) -> list[tuple[int, int]]:
+    """(height, width) of every scale, coarse to fine, ending at ``final``."""
+    return [(max(MIN_SIZE, round(final[0] / self.scale_factor ** k)),
+             max(MIN_SIZE, round(final[1] / self.scale_factor ** k)))
+            for k in range(self.scales - 1, -1, -1)]
+
+  @property
+  def steps_per_scale(self) -> list[int]:
+    return [self.coarse_steps] * (self.scales - 1) + [self.steps]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  """What the N problems of one vmapped program differ in."""
+
+  over: str                          # '', 'style', 'content' or one of BATCHABLE_FIELDS
+  values: tuple[float, ...]          # the batched field's values
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPlan:
+  """What is written, when, and how the run reports and resumes."""
+
+  output: str                        # result file name inside the workdir
+  save_every: int
+  checkpoint_every: int
+  checkpoint_history: str            # 'true', 'false' or 'auto'
+  resume: bool
+  progress: str
+  compilation_cache: str
+  distributed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything a run does, checked."""
+
+  images: ImagesPlan
+  network: NetworkPlan
+  entries: tuple[losses.Entry, ...]
+  entry_weights: dict[str, float]    # each loss entry's weight (before batching)
+  optimizer: OptimizerPlan
+  schedule: SchedulePlan
+  batch: BatchPlan
+  outputs: OutputPlan
+  fingerprint: str                   # identifies the config in checkpoints
+
+  @property
+  def batch_size(self) -> int:
+    """How many results one run makes (N problems)."""
+    return {'content': len(self.images.content_paths),
+            'style': len(self.images.style_paths)}.get(self.batch.over, len(self.batch.values) or 1)
+
+
+def split(text: Any) -> list[str]:
+  """Items of a comma-separated field."""
+  return [item.strip() for item in str(text).split(',') if item.strip()]
+
+
+def _floats(text: str, *, field: str) -> list[float]:
+  try:
+    return [float(item) for item in split(text)]
+  except ValueError:
+    raise errors.UserError(f'--config.{field}={text!r} must be comma-separated numbers') from None
+
+
+def _check_choice(value: str, choices: Sequence[str], *, field: str) -> None:
+  if value not in choices:
+    raise errors.UserError(f'unknown {field} {value!r}; choose one of {", ".join(choices)}')
+
+
+def _entries(config) -> tuple[tuple[losses.Entry, ...], dict[str, float]]:
+  """The loss entries named in ``config.losses`` (zero-weight ones left out) and their weights."""
+  entries = []
+  for name, entry in config.losses.items():
+    if float(entry.weight) == 0.0 and config.batch_over != f'{name}_weight':
+      continue
+    entries.append(losses.make_entry(
+        name=name, term=entry.term, layers=tuple(entry.layers),
+        layer_weights=tuple(entry.get('layer_weights', ()) or ()),
+        options=dict(entry.get('options', {}) or {})))
+  if not entries:
+    raise errors.UserError('every loss weight is zero; set --config.content_weight or '
+                           '--config.style_weight')
+  for entry in entries:
+    vgg.check_layers(entry.layers, network=config.network)
+  if split(config.style_masks):
+    for entry in entries:
+      if entry.reference == 'style' and not losses.accepts_mask(entry):
+        raise errors.UserError(
+            f'loss {entry.name!r} (term {entry.term!r}) takes no mask keyword, so it cannot honour '
+            '--config.style_masks; use a term that does (gram, wasserstein, mean_std) or add '
+            '`mask=None` to its signature (README, "Add your own loss")')
+  return tuple(entries), {entry.name: float(config.losses[entry.name].weight) for entry in entries}
+
+
+def _images(config) -> ImagesPlan:
+  if not isinstance(config.size, int) or config.size < MIN_SIZE:
+    raise errors.UserError(f'--config.size={config.size} is too small; VGG needs at least '
+                           f'{MIN_SIZE} px for its five poolings')
+  if config.size > MAX_SIZE:
+    raise errors.UserError(f'--config.size={config.size} is absurd (at most {MAX_SIZE})')
+  if config.style_scale <= 0:
+    raise errors.UserError(f'--config.style_scale={config.style_scale} must be positive')
+  _check_choice(config.preserve_color, color.MODES, field='preserve_color')
+  contents = tuple(split(config.content_image)) or (example_path(DEFAULT_CONTENT),)
+  if len(contents) > 1 and config.batch_over != 'content':
+    raise errors.UserError('several content images need --config.batch_over=content')
+  styles = tuple(split(config.style_images)) or (example_path(DEFAULT_STYLE),)
+  blend = _floats(config.style_blend_weights, field='style_blend_weights')
+  if blend and config.batch_over == 'style':
+    raise errors.UserError('--config.style_blend_weights blends styles, but batch_over=style '
+                           'stylises each style separately; drop one of the two')
+  blend = blend or [1.0] * len(styles)
+  if len(blend) != len(styles) or min(blend) < 0 or sum(blend) <= 0:
+    raise errors.UserError(f'--config.style_blend_weights needs {len(styles)} non-negative '
+                           'numbers, one per style image, not all zero')
+  masks = tuple(split(config.style_masks))
+  if masks and len(masks) != len(styles):
+    raise errors.UserError(f'{len(masks)} style masks for {len(styles)} style images; '
+                           'give one mask per style image')
+  return ImagesPlan(
+      content_paths=contents, style_paths=styles,
+      style_blend=tuple(value / sum(blend) for value in blend), mask_paths=masks,
+      size=config.size, square=bool(config.square), style_scale=float(config.style_scale),
+      preserve_color=config.preserve_color,
+      init=config.init if config.init in INITS else 'file',
+      init_path='' if config.init in INITS else config.init,
+      init_noise_scale=float(config.init_noise_scale), seed=int(config.seed))
+
+
+def _network(config) -> NetworkPlan:
+  _check_choice(config.network, tuple(weights.CONV_SPECS), field='network')
+  _check_choice(config.pooling, vgg.POOLINGS, field='pooling')
+  _check_choice(config.compute_dtype, ('float32', 'bfloat16'), field='compute_dtype')
+  return NetworkPlan(name=config.network, weights_path=config.weights or '',
+                     pooling=config.pooling, remat=bool(config.remat),
+                     compute_dtype=config.compute_dtype)
+
+
+def _optimizer(config) -> OptimizerPlan:
+  _check_choice(config.optimizer, optim.OPTIMIZERS, field='optimizer')
+  if config.optimizer == 'lbfgs' and float(config.learning_rate) != 1.0:
+    raise errors.UserError(
+        f'--config.learning_rate={config.learning_rate} has no effect with optimizer=lbfgs (its '
+        'line search chooses every step); leave it at 1, or use optimizer=lbfgs_fixed or adam')
+  if config.chunk_size < 1:
+    raise errors.UserError(f'--config.chunk_size={config.chunk_size} must be at least 1')
+  return OptimizerPlan(
+      name=config.optimizer, learning_rate=float(config.learning_rate),
+      memory_size=int(config.memory_size), max_linesearch_steps=int(config.max_linesearch_steps),
+      adam_b1=float(config.adam_b1), adam_b2=float(config.adam_b2),
+      adam_eps=float(config.adam_eps), lbfgs_restart=bool(config.lbfgs_restart),
+      chunk_size=int(config.chunk_size))
+
+
+def _schedule(config) -> SchedulePlan:
+  if config.steps < 0 or config.coarse_steps < 0:
+    raise errors.UserError('--config.steps and --config.coarse_steps must be >= 0')
+  if config.scales < 1:
+    raise errors.UserError(f'--config.scales={config.scales} must be at least 1')
+  if config.scales > 1 and config.scale_factor <= 1:
+    raise errors.UserError(f'--config.scale_factor={config.scale_factor} must exceed 1')
+  return SchedulePlan(scales=int(config.scales), scale_factor=float(config.scale_factor),
+                      steps=int(config.steps),
+                      coarse_steps=int(config.coarse_steps or config.steps),
+                      scale_balance=bool(config.scale_balance),
+                      content_detail=bool(config.scale_content_detail))
+
+
+def _batch(config) -> BatchPlan:
+  if config.batch_over not in ('', 'style', 'content') + BATCHABLE_FIELDS:
+    raise errors.UserError(f'cannot batch over {config.batch_over!r}; choose style, content or '
+                           f'one of {", ".join(BATCHABLE_FIELDS)}')
+  values = ()
+  if config.batch_over in BATCHABLE_FIELDS:
+    values = tuple(_floats(config.batch_values, field='batch_values'))
+    if not values:
+      raise errors.UserError(f'--config.batch_over={config.batch_over} needs '
+                             '--config.batch_values, e.g. 1e2,1e3,1e4')
+  return BatchPlan(over=config.batch_over, values=values)
+
+
+def _outputs(config) -> OutputPlan:
+  _check_choice(config.progress, report.PROGRESS_MODES, field='progress')
+  history = str(config.checkpoint_history).strip().lower()
+  if history not in ('true', 'false', 'auto'):
+    raise errors.UserError(f'--config.checkpoint_history={config.checkpoint_history!r} must be '
+                           'True, False or auto')
+  output = config.output
+  if os.path.isabs(output) or '..' in output.replace('\\', '/').split('/'):
+    raise errors.UserError(f'--config.output={output!r} must be a file name inside '
+                           '--workdir (no absolute path, no ..); set --workdir to choose the folder')
+  images.encode(np.zeros((1, 1, 3)), output)  # fails early on an unknown extension
+  return OutputPlan(output=output, save_every=int(config.save_every),
+                    checkpoint_every=int(config.checkpoint_every), checkpoint_history=history,
+                    resume=bool(config.resume), progress=config.progress,
+                    compilation_cache=config.compilation_cache,
+                    distributed=bool(config.distributed))
+
+
+def fingerprint(config) -> str:
+  """A short hash of every field that changes the result (checkpoints must match it)."""
+  data = {key: value for key, value in json.loads(config.to_json_best_effort()).items()
+          if key not in _NOT_FINGERPRINTED}
+  return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def from_config(config) -> Plan:
+  """Checks every field of ``config`` and returns the typed plan.
+
+  Raises:
+    errors.UserError: a setting that is bad or cannot be honoured, in one line naming the fix.
+  """
+  network = _network(config)
+  optimizer = _optimizer(config)
+  batch = _batch(config)
+  entries, entry_weights = _entries(config)
+  return Plan(images=_images(config), network=network, entries=entries,
+              entry_weights=entry_weights, optimizer=optimizer, schedule=_schedule(config),
+              batch=batch, outputs=_outputs(config), fingerprint=fingerprint(config))

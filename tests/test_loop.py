@@ -1,0 +1,77 @@
+"""The optimisation loop: coarse-to-fine scales, L-BFGS restarts, stopping between chunks."""
+
+import numpy as np
+import pytest
+
+from nst_jax import images
+from nst_jax import loop
+from nst_jax import pipeline
+from tests import helpers
+
+
+@pytest.mark.parametrize('content_detail', [True, False])
+def test_multiscale_fine_scale_starts_from_the_upsampled_coarse_result(tmp_path, content_detail):
+  # No steps at the final scale: the result is exactly where the fine scale starts.
+  config = helpers.tiny_config(size=48, scales=2, scale_factor=1.5, steps=0, coarse_steps=6,
+                               save_every=6, scale_content_detail=content_detail)
+  paths = helpers.run(config, tmp_path / 'ms')
+  result = images.load(paths[0])
+  assert result.shape == (48, 48, 3)
+  coarse = images.load(str(tmp_path / 'ms' / 'step_s0_00006.png'))
+  assert coarse.shape == (32, 32, 3)
+  expected = images.resize(coarse, 48, 48)
+  content = images.resize(helpers.example('content'), 48, 48)
+  if content_detail:  # plus the content's detail the 32 px scale could not hold
+    expected += content - images.resize(images.resize(content, 32, 32), 48, 48)
+  # Equal up to the rounding and clipping of the saved coarse image, which the resize spreads.
+  assert np.abs(result - np.clip(expected, 0, 255)).mean() < 0.5
+  assert np.abs(result - content).mean() > 3  # the coarse scale did change the picture
+  assert sorted({r['scale'] for r in helpers.final_losses(str(tmp_path / 'ms'))}) == [0]
+
+
+def test_content_detail_is_what_the_coarse_scale_lost():
+  rng = np.random.default_rng(0)
+  contents = rng.uniform(0, 255, (2, 16, 12, 3))
+  smooth = np.stack([images.resize(c, 8, 6) for c in contents])
+  # A coarse result equal to the downsampled content comes back as the content itself.
+  np.testing.assert_allclose(loop.next_scale_start(smooth, contents=contents, height=16, width=12),
+                             contents, atol=1e-3)
+  plain = loop.next_scale_start(smooth, contents=None, height=16, width=12)
+  assert np.abs(plain - contents).mean() > 10
+
+
+def test_lbfgs_restart_starts_a_fresh_history_every_chunk(tmp_path):
+  kept = helpers.tiny_config(tmp_path, steps=6, chunk_size=3, checkpoint_history='True')
+  restarted = helpers.tiny_config(tmp_path, steps=6, chunk_size=3, checkpoint_history='True',
+                          lbfgs_restart=True)
+  helpers.run(kept, str(tmp_path / 'kept'))
+  helpers.run(restarted, str(tmp_path / 'restarted'))
+  a, b = helpers.final_losses(str(tmp_path / 'kept')), helpers.final_losses(str(tmp_path / 'restarted'))
+  assert [r['loss'] for r in a[:4]] == [r['loss'] for r in b[:4]]  # same until the restart bites
+  assert a[4]['loss'] != b[4]['loss']
+  # A fresh history takes a capped gradient step again: min(1, 1/|g|_1) times the gradient.
+  from flax import serialization
+  with open(tmp_path / 'restarted' / 'checkpoint.msgpack', 'rb') as handle:
+    state = serialization.msgpack_restore(handle.read())['state']
+  assert int(np.asarray(state['opt_state']['count']).max()) == 3  # 3 steps since restart
+
+
+def test_a_stop_request_ends_the_loop_after_the_chunk_keeping_the_images(tmp_path):
+  prepared = helpers.prepare(helpers.tiny_config(steps=9, chunk_size=3))
+  seen = []
+  with pytest.raises(loop.Stopped) as stopped:
+    loop.optimize(prepared.whole_task(), pipeline.saving(prepared.plan, str(tmp_path)),
+                  on_chunk=lambda scale, step, optimized: seen.append(step),
+                  stop_signal=lambda: 2 if seen else 0)
+  assert seen == [3] and stopped.value.signal_number == 2
+  assert stopped.value.images.shape == (1, 40, 40, 3)
+  assert [r['step'] for r in stopped.value.records] == [1, 2, 3]
+  assert (tmp_path / 'checkpoint.msgpack').exists()  # the stop is checkpointed
+
+
+def test_without_a_workdir_nothing_is_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  prepared = helpers.prepare(helpers.tiny_config(steps=3))
+  outcome = loop.optimize(prepared.whole_task(), pipeline.saving(prepared.plan, None))
+  assert outcome.images.shape == (1, 40, 40, 3) and len(outcome.records) == 3
+  assert list(tmp_path.iterdir()) == []
