@@ -52,8 +52,9 @@ def match_histogram(source: np.ndarray, *, reference: np.ndarray) -> np.ndarray:
   flat_source = np.asarray(source, np.float64).reshape(-1, 3)
   flat_reference = np.asarray(reference, np.float64).reshape(-1, 3)
   mean_source, mean_reference = flat_source.mean(0), flat_reference.mean(0)
-  cov_source = np.cov(flat_source, rowvar=False)
-  cov_reference = np.cov(flat_reference, rowvar=False)
+  # Population covariances: defined for a single pixel too (zero, then floored in _sqrtm).
+  cov_source = np.cov(flat_source, rowvar=False, bias=True)
+  cov_reference = np.cov(flat_reference, rowvar=False, bias=True)
   transform = _sqrtm(cov_reference) @ _sqrtm(cov_source, inverse=True)
   out = (flat_source - mean_source) @ transform.T + mean_reference
   return np.clip(out, 0, 255).reshape(np.shape(source)).astype(np.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -74,8 +75,13 @@ def atomic_write(path: str) -> Iterator[BinaryIO]:
       yield handle
       handle.flush()
       os.fsync(handle.fileno())
-    # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-    os.chmod(temporary, 0o666 & ~_umask())
+    # mkstemp makes the file private (0600): a replaced file keeps its own permissions, a new
+    # one gets those a plain open() would give it.
+    try:
+      mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+      mode = 0o666 & ~_umask()
+    os.chmod(temporary, mode)
     os.replace(temporary, path)
   except BaseException:
     with contextlib.suppress(OSError):

@@ -101,8 +101,9 @@ def test_match_histogram_gives_the_reference_mean_and_covariance(rng):
   assert out.min() > 0 and out.max() < 255
   flat_out, flat_ref = out.reshape(-1, 3).astype(np.float64), reference.reshape(-1, 3)
   np.testing.assert_allclose(flat_out.mean(0), flat_ref.mean(0), atol=1e-3)
-  np.testing.assert_allclose(np.cov(flat_out, rowvar=False), np.cov(flat_ref, rowvar=False),
-                             rtol=1e-4, atol=1e-3)
+  # Population covariances (over the pixels present), so images of other sizes compare.
+  np.testing.assert_allclose(np.cov(flat_out, rowvar=False, bias=True),
+                             np.cov(flat_ref, rowvar=False, bias=True), rtol=1e-4, atol=1e-3)
 
 
 def test_match_histogram_is_the_paper_map(rng):
@@ -180,3 +181,13 @@ def test_histogram_matching_gives_the_style_the_content_colours(rng):
                              atol=1.5)
   np.testing.assert_allclose(np.cov(matched.reshape(-1, 3), rowvar=False),
                              np.cov(content.reshape(-1, 3), rowvar=False), rtol=0.1, atol=20)
+
+
+def test_histogram_matching_to_a_single_pixel_gives_its_colour(rng):
+  # A 1-pixel reference (or source) has zero covariance: defined, not NaN.
+  style = rng.uniform(0, 255, (8, 8, 3))
+  matched = color.match_histogram(style, reference=np.full((1, 1, 3), [200.0, 100.0, 50.0]))
+  assert np.isfinite(matched).all()
+  np.testing.assert_allclose(matched, np.broadcast_to([200.0, 100.0, 50.0], matched.shape), atol=1)
+  single = color.match_histogram(np.full((1, 1, 3), 30.0), reference=style)
+  np.testing.assert_allclose(single[0, 0], style.reshape(-1, 3).mean(0), atol=1e-3)

@@ -154,6 +154,16 @@ def test_permissions_follow_the_umask_like_open(tmp_path, mask, expected):
   assert _mode(tmp_path / 'atomic') == expected == _mode(tmp_path / 'plain')
 
 
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+  # As open(path, 'w') does: rewriting an existing file does not reset its mode to the umask's.
+  path = tmp_path / 'shared.png'
+  path.write_bytes(b'old')
+  os.chmod(path, 0o640)
+  with _umask(0o022):
+    files.write_bytes(str(path), b'new')
+  assert path.read_bytes() == b'new' and _mode(path) == 0o640
+
+
 
 def _proc_shows_umask() -> bool:
   try:
