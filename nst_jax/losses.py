@@ -2,7 +2,7 @@
 
 A loss term is a pure, keyword-only function of one layer::
 
-    @losses.term(reference='style', statistic=losses.gram_statistic)
+    @losses.term(reference='style', statistic=statistics.gram_statistic)
     def my_gram_loss(*, features, target, image, **options) -> jax.Array: ...
 
 * ``features``: the generated image's activations at that layer, float32 (H, W, C).
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from nst_jax import errors
+from nst_jax import statistics
 
 REFERENCES = ('content', 'style', None)
 
@@ -94,77 +95,6 @@ def lookup(name: str) -> Callable[..., jax.Array]:
 
 
 # --------------------------------------------------------------------------------------------
-# Statistics.
-
-
-@jax.custom_vjp
-def gram(features: jax.Array) -> jax.Array:
-  """Gram matrix ``FᵀF`` of features reshaped to (positions, channels): (C, C).
-
-  Its custom gradient is one matmul, ``F (dG + dGᵀ)``, instead of the two autodiff makes.
-  """
-  flat = features.reshape(-1, features.shape[-1])
-  return flat.T @ flat
-
-
-def _gram_fwd(features):
-  return gram(features), features
-
-
-def _gram_bwd(features, cotangent):
-  flat = features.reshape(-1, features.shape[-1])
-  return ((flat @ (cotangent + cotangent.T)).reshape(features.shape),)
-
-
-gram.defvjp(_gram_fwd, _gram_bwd)
-
-
-def gram_statistic(features: jax.Array, *, mask: jax.Array | None = None,
-                   **unused_options) -> jax.Array:
-  """Gram matrix per position, ``FᵀF / M`` (masked: ``(mF)ᵀ(mF) / Σm²``), for layer sizes to cancel."""
-  if mask is not None:
-    features = features * mask[..., None]
-    positions = jnp.maximum(jnp.sum(mask ** 2), 1e-8)
-  else:
-    positions = features.shape[0] * features.shape[1]
-  return gram(features) / positions
-
-
-def _positions_and_weights(features: jax.Array, mask: jax.Array | None
-                           ) -> tuple[jax.Array, jax.Array]:
-  """Features as (positions, channels) and each position's weight, summing to one."""
-  flat = features.reshape(-1, features.shape[-1])
-  if mask is None:
-    return flat, jnp.full((flat.shape[0],), 1.0 / flat.shape[0], flat.dtype)
-  weights = mask.reshape(-1).astype(flat.dtype)
-  return flat, weights / jnp.maximum(jnp.sum(weights), 1e-8)
-
-
-def mean_covariance_statistic(features: jax.Array, *, mask: jax.Array | None = None,
-                              **unused_options) -> dict[str, jax.Array]:
-  """Channel mean (C,), covariance (C, C) and the covariance's square root, for Wasserstein terms.
-
-  With a mask (H, W) the mean and covariance are weighted by it: the statistics of the region.
-  """
-  flat, weights = _positions_and_weights(features, mask)
-  mean = weights @ flat
-  centred = flat - mean
-  covariance = (centred * weights[:, None]).T @ centred
-  eigenvalues, eigenvectors = jnp.linalg.eigh(covariance)
-  sqrt_covariance = (eigenvectors * jnp.sqrt(jnp.maximum(eigenvalues, 0.0))) @ eigenvectors.T
-  return {'mean': mean, 'covariance': covariance, 'sqrt_covariance': sqrt_covariance}
-
-
-def mean_std_statistic(features: jax.Array, *, mask: jax.Array | None = None,
-                       **unused_options) -> dict[str, jax.Array]:
-  """Channel mean and standard deviation (C,), the AdaIN statistic (weighted by a mask if given)."""
-  flat, weights = _positions_and_weights(features, mask)
-  mean = weights @ flat
-  variance = weights @ (flat - mean) ** 2
-  return {'mean': mean, 'std': jnp.sqrt(variance + 1e-5)}
-
-
-# --------------------------------------------------------------------------------------------
 # Content terms.
 
 
@@ -211,7 +141,7 @@ def _gram_scale(normalization: str, *, channels: int, positions: int, image_pixe
                          f'{", ".join(GRAM_NORMALIZATIONS)}')
 
 
-@register('gram', reference='style', statistic=gram_statistic)
+@register('gram', reference='style', statistic=statistics.gram_statistic)
 def gram_loss(*, features: jax.Array, target: jax.Array, image: jax.Array,
               mask: jax.Array | None = None, normalization: str = 'gatys', **unused) -> jax.Array:
   """Gram-matrix style loss of one layer with a named normalisation (:data:`GRAM_NORMALIZATIONS`).
@@ -223,7 +153,7 @@ def gram_loss(*, features: jax.Array, target: jax.Array, image: jax.Array,
   height, width, channels = features.shape
   scale = _gram_scale(normalization, channels=channels, positions=height * width,
                       image_pixels=image.shape[0] * image.shape[1])
-  return scale * jnp.sum((gram_statistic(features, mask=mask) - target) ** 2)
+  return scale * jnp.sum((statistics.gram_statistic(features, mask=mask) - target) ** 2)
 
 
 #: Normalisations of the distribution-matching terms: ``gram`` puts the term on the scale of the
@@ -250,7 +180,7 @@ def _distribution_scale(normalization: str, *, second_moment: jax.Array) -> jax.
                          f'choose one of {", ".join(DISTRIBUTION_NORMALIZATIONS)}')
 
 
-@register('wasserstein', reference='style', statistic=mean_covariance_statistic)
+@register('wasserstein', reference='style', statistic=statistics.mean_covariance_statistic)
 def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
                 mask: jax.Array | None = None, normalization: str = 'gram', **unused
                 ) -> jax.Array:
@@ -259,7 +189,7 @@ def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
   ``|μ − μ_s|² + tr Σ + tr Σ_s − 2 tr (Σ_s^½ Σ Σ_s^½)^½``, divided by the channel count, times
   :func:`_distribution_scale`. With a mask, μ and Σ are the masked region's.
   """
-  stats = mean_covariance_statistic(features, mask=mask)
+  stats = statistics.mean_covariance_statistic(features, mask=mask)
   cross = target['sqrt_covariance'] @ stats['covariance'] @ target['sqrt_covariance']
   # Clamped above zero: ReLU features have near-singular covariances, and the gradient of a square
   # root at zero is infinite (NaN after the chain rule).
@@ -271,14 +201,14 @@ def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
   return distance / channels * _distribution_scale(normalization, second_moment=second_moment)
 
 
-@register('mean_std', reference='style', statistic=mean_std_statistic)
+@register('mean_std', reference='style', statistic=statistics.mean_std_statistic)
 def mean_std(*, features: jax.Array, target: Mapping[str, jax.Array],
              mask: jax.Array | None = None, normalization: str = 'gram', **unused) -> jax.Array:
   """Channel mean and standard deviation matching (the AdaIN statistic): mean squared errors.
 
   Times :func:`_distribution_scale`; with a mask, the masked region's mean and deviation.
   """
-  stats = mean_std_statistic(features, mask=mask)
+  stats = statistics.mean_std_statistic(features, mask=mask)
   distance = (jnp.mean((stats['mean'] - target['mean']) ** 2)
               + jnp.mean((stats['std'] - target['std']) ** 2))
   second_moment = jnp.mean(target['mean'] ** 2 + target['std'] ** 2)

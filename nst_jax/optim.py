@@ -50,6 +50,43 @@ class FixedStepLbfgsState(NamedTuple):
   previous_grad: jax.Array
 
 
+def _two_loop_direction(grad: jax.Array, s_memory: jax.Array, y_memory: jax.Array, *,
+                        rho: jax.Array, valid: jax.Array, gamma: jax.Array, head: jax.Array
+                        ) -> jax.Array:
+  """L-BFGS two-loop recursion: the inverse-Hessian estimate times ``grad``.
+
+  Args:
+    grad: the gradient.
+    s_memory: (memory, *shape) ring buffer of parameter differences.
+    y_memory: (memory, *shape) ring buffer of gradient differences.
+    rho: (memory,) ``1 / yᵀs`` of each slot.
+    valid: (memory,) which slots hold a pair; empty slots contribute nothing.
+    gamma: the initial inverse-Hessian scale.
+    head: the next slot to write (the newest pair is the one before it).
+
+  Returns:
+    The direction ``H g``, ``grad``'s shape.
+  """
+  memory_size = valid.shape[0]
+  # Newest pair first, then oldest first.
+  newest_first = (head - 1 - jnp.arange(memory_size)) % memory_size
+
+  def backward(q, index):
+    alpha = jnp.where(valid[index], rho[index] * jnp.vdot(s_memory[index], q), 0.0)
+    return q - alpha * y_memory[index], alpha
+
+  q, alphas = jax.lax.scan(backward, grad, newest_first)
+  r = gamma * q
+
+  def forward(r, index_alpha):
+    index, alpha = index_alpha
+    beta = rho[index] * jnp.vdot(y_memory[index], r)
+    return r + jnp.where(valid[index], alpha - beta, 0.0) * s_memory[index], None
+
+  r, _ = jax.lax.scan(forward, r, (newest_first[::-1], alphas[::-1]))
+  return r
+
+
 def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
                               ) -> optax.GradientTransformation:
   """L-BFGS direction times a fixed step, as ``torch.optim.LBFGS(max_iter=1)``; one array param.
@@ -85,22 +122,8 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
     gamma = jnp.where(accept, ys / jnp.vdot(y_new, y_new), state.gamma)
     head = jnp.where(accept, (head + 1) % memory_size, head)
 
-    # Two-loop recursion, newest pair first, then oldest first; empty slots contribute nothing.
-    newest_first = (head - 1 - jnp.arange(memory_size)) % memory_size
-
-    def backward(q, index):
-      alpha = jnp.where(valid[index], rho[index] * jnp.vdot(s_memory[index], q), 0.0)
-      return q - alpha * y_memory[index], alpha
-
-    q, alphas = jax.lax.scan(backward, grad, newest_first)
-    r = gamma * q
-
-    def forward(r, index_alpha):
-      index, alpha = index_alpha
-      beta = rho[index] * jnp.vdot(y_memory[index], r)
-      return r + jnp.where(valid[index], alpha - beta, 0.0) * s_memory[index], None
-
-    r, _ = jax.lax.scan(forward, r, (newest_first[::-1], alphas[::-1]))
+    r = _two_loop_direction(grad, s_memory, y_memory, rho=rho, valid=valid, gamma=gamma,
+                            head=head)
     # With no history (the first step, or every pair so far rejected) the direction is the raw
     # gradient; torch caps only the very first such step, we cap each, or one rejected pair on a
     # badly scaled loss sends the image to infinity.

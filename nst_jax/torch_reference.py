@@ -12,6 +12,15 @@ the same loss on the same pixels, and prints one JSON object.
              curvature pairs kept after every step.
 """
 
+import os
+import sys
+
+# Run as a script, this file's folder (nst_jax/) is sys.path[0], where nst_jax/statistics.py would
+# hide the standard library's statistics module (used below, and by torch).
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+  del sys.path[0]
+
+# pylint: disable=wrong-import-position
 import argparse
 import json
 import statistics

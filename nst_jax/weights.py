@@ -148,6 +148,47 @@ def _layer_kernel(path: str, arrays: Mapping[str, np.ndarray], layer: str) -> np
   return table[codes]
 
 
+def _layer_params(path: str, arrays: Mapping[str, np.ndarray], network: str
+                  ) -> dict[str, dict[str, np.ndarray]]:
+  """Every convolution's dequantised kernel and bias, checked for shape, dtype and finiteness."""
+  params = {}
+  for layer, in_channels, out_channels in CONV_SPECS[network]:
+    kernel = _layer_kernel(path, arrays, layer)
+    bias = arrays.get(f'{layer}/bias')
+    expected = {'kernel': (3, 3, in_channels, out_channels), 'bias': (out_channels,)}
+    for name, value in (('kernel', kernel), ('bias', bias)):
+      if value is None:
+        raise errors.UserError(f'weights file {path!r} lacks {layer}/{name}')
+      if value.shape != expected[name]:
+        raise errors.UserError(
+            f'weights file {path!r}: {layer}/{name} has shape {value.shape}, expected '
+            f'{expected[name]} for {network.upper()}; is it a file of another network?')
+      if value.dtype != np.float32:
+        raise errors.UserError(f'weights file {path!r}: {layer}/{name} is {value.dtype}, '
+                               'expected float32')
+      if not np.all(np.isfinite(value)):
+        raise errors.UserError(f'weights file {path!r}: {layer}/{name} has non-finite values; '
+                               'the file is corrupt')
+    params[layer] = {'kernel': kernel, 'bias': bias}
+  return params
+
+
+def _preprocessing(path: str, arrays: Mapping[str, np.ndarray]) -> Preprocessing:
+  """The file's meta/channel_order, meta/mean and meta/std (Caffe's when absent), checked."""
+  preprocessing = Preprocessing(
+      channel_order=str(arrays.get('meta/channel_order', 'BGR')),
+      mean=tuple(float(v) for v in np.ravel(arrays.get('meta/mean', CAFFE_MEAN_BGR))),
+      std=tuple(float(v) for v in np.ravel(arrays.get('meta/std', (1.0, 1.0, 1.0)))))
+  for name, values in (('mean', preprocessing.mean), ('std', preprocessing.std)):
+    if len(values) != 3 or not np.all(np.isfinite(values)) or (name == 'std' and min(values) <= 0):
+      raise errors.UserError(f'weights file {path!r}: meta/{name} is {values}; expected three '
+                             'finite numbers (std positive)')
+  if preprocessing.channel_order not in ('BGR', 'RGB'):
+    raise errors.UserError(f'weights file {path!r}: meta/channel_order is '
+                           f'{preprocessing.channel_order!r}, expected "BGR" or "RGB"')
+  return preprocessing
+
+
 def load(path: str | None = None, *, network: str = 'vgg19') -> VggWeights:
   """Loads and validates a weights file in the project's format.
 
@@ -180,35 +221,7 @@ def load(path: str | None = None, *, network: str = 'vgg19') -> VggWeights:
     raise errors.UserError(f'weights file {path!r} holds {file_network.upper()} weights but the '
                            f'config asks for {network.upper()}; set --config.network={file_network} '
                            'or give a file of the right network')
-  params = {}
-  for layer, in_channels, out_channels in CONV_SPECS[network]:
-    kernel = _layer_kernel(path, arrays, layer)
-    bias = arrays.get(f'{layer}/bias')
-    expected = {'kernel': (3, 3, in_channels, out_channels), 'bias': (out_channels,)}
-    for name, value in (('kernel', kernel), ('bias', bias)):
-      if value is None:
-        raise errors.UserError(f'weights file {path!r} lacks {layer}/{name}')
-      if value.shape != expected[name]:
-        raise errors.UserError(
-            f'weights file {path!r}: {layer}/{name} has shape {value.shape}, expected '
-            f'{expected[name]} for {network.upper()}; is it a file of another network?')
-      if value.dtype != np.float32:
-        raise errors.UserError(f'weights file {path!r}: {layer}/{name} is {value.dtype}, '
-                               'expected float32')
-      if not np.all(np.isfinite(value)):
-        raise errors.UserError(f'weights file {path!r}: {layer}/{name} has non-finite values; '
-                               'the file is corrupt')
-    params[layer] = {'kernel': kernel, 'bias': bias}
-  preprocessing = Preprocessing(
-      channel_order=str(arrays.get('meta/channel_order', 'BGR')),
-      mean=tuple(float(v) for v in np.ravel(arrays.get('meta/mean', CAFFE_MEAN_BGR))),
-      std=tuple(float(v) for v in np.ravel(arrays.get('meta/std', (1.0, 1.0, 1.0)))))
-  for name, values in (('mean', preprocessing.mean), ('std', preprocessing.std)):
-    if len(values) != 3 or not np.all(np.isfinite(values)) or (name == 'std' and min(values) <= 0):
-      raise errors.UserError(f'weights file {path!r}: meta/{name} is {values}; expected three '
-                             'finite numbers (std positive)')
-  if preprocessing.channel_order not in ('BGR', 'RGB'):
-    raise errors.UserError(f'weights file {path!r}: meta/channel_order is '
-                           f'{preprocessing.channel_order!r}, expected "BGR" or "RGB"')
-  return VggWeights(network=network, params=params, preprocessing=preprocessing)
+  params = _layer_params(path, arrays, network)
+  return VggWeights(network=network, params=params,
+                    preprocessing=_preprocessing(path, arrays))
 
