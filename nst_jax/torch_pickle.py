@@ -101,13 +101,22 @@ def _load_zip(path: str) -> Any:
     if pickle_name is None:
       raise pickle.UnpicklingError('a zip archive without data.pkl, so not a torch file')
     prefix = pickle_name[:-len('data.pkl')]
+    # Storages are in the saving machine's byte order, named in `byteorder` (torch >= 1.10;
+    # older archives are little-endian).
+    order = '<'
+    if f'{prefix}byteorder' in names:
+      text = archive.read(f'{prefix}byteorder').decode('ascii', 'replace').strip()
+      if text not in ('little', 'big'):
+        raise pickle.UnpicklingError(f'unknown byte order {text!r} in the torch archive')
+      order = '<' if text == 'little' else '>'
 
     def load_storage(key, dtype, numel):
       data = archive.read(f'{prefix}data/{key}')
       if len(data) < numel * dtype.itemsize:
         raise pickle.UnpicklingError(f'storage {key} holds {len(data)} bytes, fewer than its '
                                      f'{numel} elements need; the file is corrupt')
-      return np.frombuffer(data, dtype=dtype, count=numel).copy()
+      stored = np.frombuffer(data, dtype=dtype.newbyteorder(order), count=numel)
+      return stored.astype(dtype.newbyteorder('='))
 
     return _Unpickler(io.BytesIO(archive.read(pickle_name)), load_storage).load()
 
@@ -118,7 +127,8 @@ def _load_legacy(path: str) -> Any:
     if _load_plain(handle) != _LEGACY_MAGIC:
       raise pickle.UnpicklingError('not a torch file (bad magic number)')
     _load_plain(handle)  # protocol version
-    _load_plain(handle)  # system info
+    system = _load_plain(handle)  # the saving machine: its byte order matters to the storages
+    order = '>' if isinstance(system, dict) and system.get('little_endian') is False else '<'
     dtypes = {}
 
     def load_storage(key, dtype, numel):
@@ -147,12 +157,13 @@ def _load_legacy(path: str) -> Any:
       header = handle.read(8)
       if len(header) != 8:
         raise pickle.UnpicklingError(f'torch file ends before storage {key}; it is truncated')
-      numel, = struct.unpack('<q', header)
+      numel, = struct.unpack(f'{order}q', header)
       dtype = np.dtype(dtypes.get(key, np.float32))
       data = handle.read(max(numel, 0) * dtype.itemsize)
       if numel < 0 or len(data) != numel * dtype.itemsize:
         raise pickle.UnpicklingError(f'torch file ends inside storage {key}; it is truncated')
-      storages[key] = np.frombuffer(data, dtype=dtype)
+      storages[key] = np.frombuffer(data, dtype=dtype.newbyteorder(order)).astype(
+          dtype.newbyteorder('='))
     for key, _, _, _ in tensors:
       if key not in storages:
         raise pickle.UnpicklingError(f'torch file lacks the data of storage {key}')

@@ -149,13 +149,15 @@ def write_legacy(path, obj, storages: dict[str, np.ndarray], **kwargs) -> str:
 
 
 def write_zip(path, obj, storages: dict[str, np.ndarray], *, folder: str = 'archive',
-              pickled: bytes | None = None) -> str:
+              pickled: bytes | None = None, byteorder: str = 'little') -> str:
   with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as archive:
     archive.writestr(f'{folder}/data.pkl',
                      pickled if pickled is not None else assemble(obj, storages, legacy=False))
-    archive.writestr(f'{folder}/byteorder', 'little')
+    archive.writestr(f'{folder}/byteorder', byteorder)
+    order = '<' if byteorder == 'little' else '>'
     for key, array in storages.items():
-      archive.writestr(f'{folder}/data/{key}', array.tobytes())
+      archive.writestr(f'{folder}/data/{key}', array.astype(array.dtype.newbyteorder(order))
+                       .tobytes())
     archive.writestr(f'{folder}/version', '3\n')
   return str(path)
 
@@ -219,6 +221,15 @@ def test_reads_a_zip_file(tmp_path, folder):
   state, storages, expected = _example()
   loaded = torch_pickle.load(write_zip(tmp_path / 'zipped.pth', state, storages, folder=folder))
   _assert_matches(loaded, expected)
+
+
+def test_reads_a_big_endian_zip_file(tmp_path):
+  # Saved on a big-endian machine: `byteorder` says so and every storage is byte-swapped.
+  state, storages, expected = _example()
+  path = write_zip(tmp_path / 'big.pth', state, storages, byteorder='big')
+  with zipfile.ZipFile(path) as archive:  # the bytes really are swapped
+    assert archive.read('archive/data/1') != storages['1'].tobytes()
+  _assert_matches(torch_pickle.load(path), expected)
 
 
 @pytest.mark.parametrize('writer', [write_legacy, write_zip])
