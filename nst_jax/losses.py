@@ -2,7 +2,7 @@
 
 A loss term is a pure, keyword-only function of one layer::
 
-    @losses.term(reference='style', statistic=statistics.gram_statistic)
+    @losses.term(reference='style', statistic=feature_statistics.gram_statistic)
     def my_gram_loss(*, features, target, image, **options) -> jax.Array: ...
 
 * ``features``: the generated image's activations at that layer, float32 (H, W, C).
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from nst_jax import errors
-from nst_jax import statistics
+from nst_jax import feature_statistics
 
 REFERENCES = ('content', 'style', None)
 
@@ -141,7 +141,7 @@ def _gram_scale(normalization: str, *, channels: int, positions: int, image_pixe
                          f'{", ".join(GRAM_NORMALIZATIONS)}')
 
 
-@register('gram', reference='style', statistic=statistics.gram_statistic)
+@register('gram', reference='style', statistic=feature_statistics.gram_statistic)
 def gram_loss(*, features: jax.Array, target: jax.Array, image: jax.Array,
               mask: jax.Array | None = None, normalization: str = 'gatys', **unused) -> jax.Array:
   """Gram-matrix style loss of one layer with a named normalisation (:data:`GRAM_NORMALIZATIONS`).
@@ -153,7 +153,7 @@ def gram_loss(*, features: jax.Array, target: jax.Array, image: jax.Array,
   height, width, channels = features.shape
   scale = _gram_scale(normalization, channels=channels, positions=height * width,
                       image_pixels=image.shape[0] * image.shape[1])
-  return scale * jnp.sum((statistics.gram_statistic(features, mask=mask) - target) ** 2)
+  return scale * jnp.sum((feature_statistics.gram_statistic(features, mask=mask) - target) ** 2)
 
 
 #: Normalisations of the distribution-matching terms: ``gram`` puts the term on the scale of the
@@ -180,7 +180,7 @@ def _distribution_scale(normalization: str, *, second_moment: jax.Array) -> jax.
                          f'choose one of {", ".join(DISTRIBUTION_NORMALIZATIONS)}')
 
 
-@register('wasserstein', reference='style', statistic=statistics.mean_covariance_statistic)
+@register('wasserstein', reference='style', statistic=feature_statistics.mean_covariance_statistic)
 def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
                 mask: jax.Array | None = None, normalization: str = 'gram', **unused
                 ) -> jax.Array:
@@ -189,7 +189,7 @@ def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
   ``|μ − μ_s|² + tr Σ + tr Σ_s − 2 tr (Σ_s^½ Σ Σ_s^½)^½``, divided by the channel count, times
   :func:`_distribution_scale`. With a mask, μ and Σ are the masked region's.
   """
-  stats = statistics.mean_covariance_statistic(features, mask=mask)
+  stats = feature_statistics.mean_covariance_statistic(features, mask=mask)
   cross = target['sqrt_covariance'] @ stats['covariance'] @ target['sqrt_covariance']
   # Clamped above zero: ReLU features have near-singular covariances, and the gradient of a square
   # root at zero is infinite (NaN after the chain rule).
@@ -201,14 +201,14 @@ def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
   return distance / channels * _distribution_scale(normalization, second_moment=second_moment)
 
 
-@register('mean_std', reference='style', statistic=statistics.mean_std_statistic)
+@register('mean_std', reference='style', statistic=feature_statistics.mean_std_statistic)
 def mean_std(*, features: jax.Array, target: Mapping[str, jax.Array],
              mask: jax.Array | None = None, normalization: str = 'gram', **unused) -> jax.Array:
   """Channel mean and standard deviation matching (the AdaIN statistic): mean squared errors.
 
   Times :func:`_distribution_scale`; with a mask, the masked region's mean and deviation.
   """
-  stats = statistics.mean_std_statistic(features, mask=mask)
+  stats = feature_statistics.mean_std_statistic(features, mask=mask)
   distance = (jnp.mean((stats['mean'] - target['mean']) ** 2)
               + jnp.mean((stats['std'] - target['std']) ** 2))
   second_moment = jnp.mean(target['mean'] ** 2 + target['std'] ** 2)

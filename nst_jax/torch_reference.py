@@ -15,8 +15,8 @@ the same loss on the same pixels, and prints one JSON object.
 import os
 import sys
 
-# Run as a script, this file's folder (nst_jax/) is sys.path[0], where nst_jax/statistics.py would
-# hide the standard library's statistics module (used below, and by torch).
+# Run as a script, this file's folder (nst_jax/) is sys.path[0], whose modules (images.py,
+# files.py, ...) could hide standard or third-party modules of the same name from torch.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
   del sys.path[0]
 
