@@ -11,7 +11,7 @@ import pytest
 
 from nst_jax import errors
 from nst_jax import losses
-from nst_jax import statistics
+from nst_jax import feature_statistics
 
 
 def numpy_gram(features):
@@ -42,7 +42,7 @@ def test_gram_seed_form_is_gatys_formula(layer):
   n = features.shape[-1]
   m = features.shape[0] * features.shape[1]
   expected = np.sum((numpy_gram(features) - numpy_gram(style)) ** 2) / (4 * n ** 2 * m ** 2)
-  target = statistics.gram_statistic(jnp.asarray(style))
+  target = feature_statistics.gram_statistic(jnp.asarray(style))
   got = losses.gram_loss(features=jnp.asarray(features), target=target,
                          image=jnp.zeros((12, 10, 3)), normalization='gatys')
   np.testing.assert_allclose(got, expected, rtol=1e-5)
@@ -54,7 +54,7 @@ def test_gram_keras_tutorial_normaliser(layer):
   expected = (np.sum((numpy_gram(features) - numpy_gram(style)) ** 2)
               / (4.0 * 3 ** 2 * (image_height * image_width) ** 2))
   got = losses.gram_loss(features=jnp.asarray(features),
-                         target=statistics.gram_statistic(jnp.asarray(style)),
+                         target=feature_statistics.gram_statistic(jnp.asarray(style)),
                          image=jnp.zeros((image_height, image_width, 3)), normalization='keras')
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -65,7 +65,7 @@ def test_gram_jcjohnson_and_pastiche_normalisations(layer):
   image = jnp.zeros((h, w, 3))
   jc = np.mean((numpy_gram(features) / (c * h * w) - numpy_gram(style) / (c * h * w)) ** 2)
   pa = np.mean((numpy_gram(features) / (h * w) - numpy_gram(style) / (h * w)) ** 2)
-  target = statistics.gram_statistic(jnp.asarray(style))
+  target = feature_statistics.gram_statistic(jnp.asarray(style))
   np.testing.assert_allclose(losses.gram_loss(features=features, target=target, image=image,
                                               normalization='jcjohnson'), jc, rtol=1e-5)
   np.testing.assert_allclose(losses.gram_loss(features=features, target=target, image=image,
@@ -109,7 +109,7 @@ def test_wasserstein_against_numpy_and_zero_at_target(layer):
   root = sqrtm(cs)
   expected = (np.sum((mf - ms) ** 2) + np.trace(cf) + np.trace(cs)
               - 2 * np.trace(sqrtm(root @ cf @ root))) / 4
-  target = statistics.mean_covariance_statistic(jnp.asarray(style))
+  target = feature_statistics.mean_covariance_statistic(jnp.asarray(style))
   np.testing.assert_allclose(
       losses.wasserstein(features=jnp.asarray(features), target=target, normalization='none'),
       expected, rtol=1e-3, atol=1e-4)
@@ -125,7 +125,7 @@ def test_mean_std_against_numpy(layer):
   f, s = features.reshape(-1, 4), style.reshape(-1, 4)
   expected = (np.mean((f.mean(0) - s.mean(0)) ** 2)
               + np.mean((np.sqrt(f.var(0) + 1e-5) - np.sqrt(s.var(0) + 1e-5)) ** 2))
-  target = statistics.mean_std_statistic(jnp.asarray(style))
+  target = feature_statistics.mean_std_statistic(jnp.asarray(style))
   np.testing.assert_allclose(
       losses.mean_std(features=jnp.asarray(features), target=target, normalization='none'),
       expected, rtol=1e-4)
@@ -142,8 +142,8 @@ def test_masked_wasserstein_and_mean_std_ignore_positions_outside_the_mask(rng):
   mask[:, 5:] = 0.0
   changed = features.copy()
   changed[:, 5:] = 100.0
-  for term, statistic in ((losses.wasserstein, statistics.mean_covariance_statistic),
-                          (losses.mean_std, statistics.mean_std_statistic)):
+  for term, statistic in ((losses.wasserstein, feature_statistics.mean_covariance_statistic),
+                          (losses.mean_std, feature_statistics.mean_std_statistic)):
     target = statistic(jnp.asarray(features[::-1]))
     a = term(features=jnp.asarray(features), target=target, mask=jnp.asarray(mask))
     b = term(features=jnp.asarray(changed), target=target, mask=jnp.asarray(mask))
