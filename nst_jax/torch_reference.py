@@ -66,7 +66,7 @@ def _step_times(vgg, content_path, style_path, repeats):
 
 
 def _lbfgs_loss(problem, x, a):
-  """The small problems of lbfgs mode; benchmark.lbfgs_torch_table defines the same in JAX."""
+  """The small problems of lbfgs mode; nst_jax/benchmark/torch_side.py has the same in JAX."""
   if problem == 'rosenbrock':
     return (10.0 * torch.sum((x[1:] - x[:-1] ** 2) ** 2) + torch.sum((1.0 - x) ** 2)
             + 0.01 * torch.sum(x ** 2))
