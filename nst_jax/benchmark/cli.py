@@ -17,6 +17,7 @@ from absl import flags
 from nst_jax import errors
 from nst_jax.benchmark import e2e
 from nst_jax.benchmark import measure
+from nst_jax.benchmark import style_losses
 from nst_jax.benchmark import tables
 from nst_jax.benchmark import torch_side
 
@@ -46,6 +47,12 @@ def _define_flags(module_name: str) -> None:
   flags.DEFINE_integer('e2e_steps', 200, 'Steps at the final scale in the end-to-end comparison '
                        '(an eighth as many at each coarser scale).', **key)
   flags.DEFINE_integer('e2e_px', 256, 'Image size of the end-to-end comparison.', **key)
+  flags.DEFINE_bool('style_losses', False, 'Run the "Which style loss?" comparison: every style '
+                    'term on the embedded pairs, judged by nst_jax.metrics.', **key)
+  flags.DEFINE_integer('style_px', 256, 'Image size of the style-loss comparison.', **key)
+  flags.DEFINE_integer('style_steps', 200, 'Steps of each style-loss setting.', **key)
+  flags.DEFINE_string('style_dir', '', 'Where the style-loss comparison writes its images '
+                      '(default: a temporary folder).', **key)
   flags.DEFINE_float('peak_tflops', 0.0, 'Chip peak float32 TFLOP/s for utilisation (GPU).',
                      **key)
   flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch'],
@@ -65,6 +72,8 @@ def _check_flags() -> None:
   if FLAGS.e2e and FLAGS.e2e_px < 64:
     raise errors.UserError(f'--e2e_px={FLAGS.e2e_px} must be at least 64 (its 2-scale settings '
                            'start at half of it, and VGG needs 32 px)')
+  if FLAGS.style_losses and (FLAGS.style_px < 32 or FLAGS.style_steps < 10):
+    raise errors.UserError('--style_px must be at least 32 and --style_steps at least 10')
   if FLAGS.e2e and FLAGS.e2e_steps < 8:
     raise errors.UserError(f'--e2e_steps={FLAGS.e2e_steps} must be at least 8 (coarser scales '
                            'run an eighth as many)')
@@ -93,6 +102,8 @@ def main(argv) -> None:
     print(f'\nprocess peak resident memory: {measure.peak_rss_gib():.2f} GiB')
     if FLAGS.e2e:
       e2e.e2e_table(directory)
+    if FLAGS.style_losses:
+      style_losses.style_losses_table(FLAGS.style_dir or os.path.join(directory, 'styles'))
 
 
 def run() -> None:
