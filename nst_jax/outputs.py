@@ -49,9 +49,7 @@ def write(workdir: str, *, output: str, batch: inputs.Batch, results: Sequence[n
   grid_path = os.path.join(workdir, 'grid.png')
   images.save(images.grid(rows, height=min(256, results[0].shape[0])), grid_path)
   curve_path = os.path.join(workdir, 'loss_curve.png')
-  totals = [float(np.nanmean([v for v in r['loss'] if v is not None] or [np.nan]))
-            for r in records]
-  report.loss_curve(totals, curve_path)
+  report.loss_curve(records, curve_path)
   logs = sorted(name for name in os.listdir(workdir)
                 if name.startswith('losses') and name.endswith('.jsonl'))
   return paths + [grid_path, curve_path] + [os.path.join(workdir, name) for name in logs]
