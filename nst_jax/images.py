@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from nst_jax import errors
 from nst_jax import files
@@ -177,3 +177,35 @@ def grid(rows: list[list[np.ndarray]], *, height: int = 256, gap: int = 4) -> np
       canvas[y:y + height, x:x + image.shape[1]] = image
       x += image.shape[1] + gap
   return canvas
+
+
+def contact_sheet(pictures: list[np.ndarray], *, labels: list[str], height: int = 256,
+                  columns: int = 6, gap: int = 4) -> np.ndarray:
+  """Images side by side (``columns`` per row), each scaled to ``height`` with its label below.
+
+  Args:
+    pictures: RGB 0-255 arrays of any sizes.
+    labels: one line of text per picture (e.g. the value of a swept weight).
+    height: every picture's height in the sheet.
+    columns: pictures per row.
+    gap: white pixels between pictures.
+
+  Returns:
+    The sheet as an RGB float32 array in 0-255.
+  """
+  font = ImageFont.load_default(size=max(10, height // 14))  # bitmap font without FreeType
+  strip = round(getattr(font, 'size', 11) * 1.6)
+  cells = []
+  for picture, label in zip(pictures, labels):
+    scaled = resize(picture, height, max(1, round(picture.shape[1] * height / picture.shape[0])))
+    left, top, right, bottom = ImageDraw.Draw(Image.new('RGB', (1, 1))).textbbox(
+        (0, 0), label, font=font)
+    width = max(scaled.shape[1], right - left + 8)  # a long label widens its cell
+    cell = Image.new('RGB', (width, height + strip), 'white')
+    cell.paste(Image.fromarray(to_uint8(scaled)), ((width - scaled.shape[1]) // 2, 0))
+    ImageDraw.Draw(cell).text(((width - (right - left)) // 2 - left,
+                               height + (strip - (bottom - top)) // 2 - top), label,
+                              fill='black', font=font)
+    cells.append(np.asarray(cell, np.float32))
+  rows = [cells[start:start + columns] for start in range(0, len(cells), columns)]
+  return grid(rows, height=height + strip, gap=gap)

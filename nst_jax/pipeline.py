@@ -193,12 +193,15 @@ def _optimize_groups(prepared: Prepared, groups, *, workdir: str | None,
   results: list = [None] * n
   records: list[dict] = []
   steps = sum(plan.schedule.steps_per_scale)
+  step_metrics = None if workdir is None or not plan.outputs.save_every else outputs.StepMetrics(
+      os.path.join(workdir, outputs.STEP_METRICS), resume=plan.outputs.resume,
+      measure=outputs.Measurer(batch=prepared.batch, images_plan=plan.images))
   with _stop_requests() as requested:
     for group_index, (indices, size) in enumerate(groups):
       tag = f'_{size[1]}x{size[0]}' if len(groups) > 1 else ''
       on_chunk = None if workdir is None else outputs.intermediate_writer(
           workdir, every=plan.outputs.save_every, chunk_size=plan.optimizer.chunk_size,
-          indices=indices, n=n, finish=finish(indices))
+          indices=indices, n=n, finish=finish(indices), step_metrics=step_metrics)
       try:
         outcome = loop.optimize(prepared.task(indices, size), saving(plan, workdir, tag),
                                 progress=progress, on_chunk=on_chunk,
@@ -249,8 +252,8 @@ def run(plan: plan_lib.Plan, workdir: str | None, *, contents: Sequence[inputs.S
   _announce(prepared, groups, progress)
   start = time.perf_counter()
   write = lambda results, records: [] if workdir is None else outputs.write(
-      workdir, output=plan.outputs.output, batch=prepared.batch, results=results,
-      records=records)
+      workdir, output=plan.outputs.output, batch=prepared.batch, images_plan=plan.images,
+      batch_plan=plan.batch, results=results, records=records)
   try:
     results, records = _optimize_groups(prepared, groups, workdir=workdir, progress=progress)
   except (loop.Stopped, loop.NonFinite) as exc:

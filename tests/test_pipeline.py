@@ -2,6 +2,7 @@
 stopping and failure paths (nst_jax.pipeline drives plan -> inputs -> problem -> loop -> outputs).
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,10 @@ from nst_jax import checkpoints
 from nst_jax import color
 from nst_jax import errors
 from nst_jax import images
+from nst_jax import metrics
 from nst_jax import outputs
 from nst_jax import pipeline
+from nst_jax import plan
 from nst_jax import report
 from nst_jax import weights
 from tests import helpers
@@ -44,8 +47,12 @@ def test_real_weights_style_loss_falls_and_content_stays(tmp_path):
                      color.rgb_to_yiq(content)[..., 0].ravel())[0, 1]
   assert corr > 0.5, corr
   assert np.abs(result - content).mean() > 5  # and it did change
-  for name in ('grid.png', 'loss_curve.png', 'losses.jsonl', 'checkpoint.msgpack'):
+  for name in ('grid.png', 'loss_curve.png', 'losses.jsonl', 'checkpoint.msgpack',
+               'metrics.json'):
     assert os.path.exists(os.path.join(workdir, name)), name
+  measured, = json.load(open(os.path.join(workdir, 'metrics.json')))['results']
+  # Closer to the style than the photo by every distance (the ratios to doing nothing).
+  assert all(measured['ratio'][name]['sum'] < 1 for name in metrics.STYLE_METRICS), measured
 
 
 @pytest.mark.parametrize('optimizer', ['lbfgs_fixed', 'lbfgs'])
@@ -91,9 +98,16 @@ def test_batch_over_a_weight_equals_separate_runs(tmp_path, optimizer):
   # Each element keeps its own optimiser history (and line search) under vmap.
   learning_rate = 10.0 if optimizer == 'adam' else 1.0
   batch = helpers.tiny_config(tmp_path, batch_over='style_weight', batch_values='10,1e4',
-                      optimizer=optimizer, learning_rate=learning_rate)
+                      optimizer=optimizer, learning_rate=learning_rate, save_every=3)
   paths = helpers.run(batch, str(tmp_path / 'batch'))
   assert os.path.basename(paths[0]) == 'result_0.png'
+  # The sweep's trade-off curve and contact sheet; metrics at the end and every save_every.
+  assert {'tradeoff.png', 'contact_sheet.png', 'metrics.json'} <= set(map(os.path.basename, paths))
+  measured = json.load(open(tmp_path / 'batch' / 'metrics.json'))['results']
+  assert [m['style_weight'] for m in measured] == [10.0, 1e4]
+  steps = [json.loads(line) for line in open(tmp_path / 'batch' / 'metrics_steps.jsonl')]
+  assert [(m['step'], m['index']) for m in steps] == [(3, 0), (3, 1), (6, 0), (6, 1)]
+  assert steps[-1]['result'] == measured[1]['result']  # the last save is the result
   for index, weight in enumerate((10.0, 1e4)):
     single = helpers.tiny_config(tmp_path, style_weight=weight, optimizer=optimizer,
                          learning_rate=learning_rate)
@@ -184,7 +198,6 @@ def test_luminance_only_keeps_the_content_chroma(tmp_path):
   assert np.median(np.abs(result_iq - content_iq)) < 2.0
   assert np.abs(color.rgb_to_yiq(result)[..., 0] - color.rgb_to_yiq(content)[..., 0]).mean() > 3
   # ... toward the style's luminance texture (Gram distance of the gray images).
-  from nst_jax import metrics
   style = helpers.example('style')
   gray = lambda x: color.luminance(images.resize(x, 40, 40))
   before = metrics.style_distance(gray(content), gray(style))
@@ -326,11 +339,14 @@ def test_masked_region_moves_toward_its_own_style_only(tmp_path, term):
   assert redness(right_half) < -20, redness(right_half)  # blue region
 
 
-@pytest.mark.parametrize('term', ['gram', 'wasserstein', 'mean_std'])
+@pytest.mark.parametrize('term', ['gram', 'wasserstein', 'mean_std', 'sliced_wasserstein',
+                                  'histogram', 'mrf', 'relaxed_emd'])
 def test_every_style_term_stylises_at_the_default_weights(tmp_path, term):
   # The default config at 64 px: the style part must fall by at least half in 50 steps. (Before
-  # the Gram-scale normalisation, Wasserstein lowered the loss by 0.2% in 30 steps.)
-  config = default.get_config()
+  # the Gram-scale normalisation, Wasserstein lowered the loss by 0.2% in 30 steps.) mrf runs
+  # its preset, the default with the paper's layers relu3_1 and relu4_1. Terms that draw random
+  # numbers are logged at the first step's draws, so first and last compare like with like.
+  config = default.get_config() if term != 'mrf' else plan.load_config_file('mrf')
   config.size, config.steps, config.chunk_size = 64, 50, 25
   config.progress, config.compilation_cache, config.checkpoint_every = 'none', '', 0
   config.losses.style.term = term
