@@ -300,6 +300,24 @@ def test_grid_shapes_and_background():
   assert images.grid([[a]], height=10, gap=4).shape == (10, 20, 3)
 
 
+def test_contact_sheet_labels_each_picture_below_it_and_wraps_rows():
+  gray = np.full((20, 40, 3), 128.0, np.float32)
+  sheet = images.contact_sheet([gray, gray, gray], labels=['1', 'a rather long label', '3'],
+                               height=32, columns=2, gap=4)
+  strip = sheet.shape[0] // 2 - 2 - 32  # two rows of picture + label strip, a gap between
+  assert strip > 8
+  row = 32 + strip
+  np.testing.assert_array_equal(sheet[:32, :64], 128)  # the first picture, scaled to 32 px
+  assert (sheet[32:row, :64] < 100).any()  # its label, dark on white below it
+  assert (sheet[32:row, :64] > 250).any()
+  # A label wider than its picture widens the cell (the picture is centred above it).
+  assert sheet.shape[1] > 64 + 4 + 64
+  assert (sheet[row + 4:row + 4 + 32, :64] == 128).all()  # the third picture, second row
+  assert (sheet[row + 4 + 32:, :64] < 100).any()
+  unlabelled = images.contact_sheet([gray], labels=[''], height=32)
+  assert (unlabelled[32:] == 255).all()
+
+
 def test_fit_size_and_resize():
   assert images.fit_size(300, 400, size=100) == (75, 100)
   assert images.fit_size(400, 300, size=100) == (100, 75)
