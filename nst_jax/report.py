@@ -209,9 +209,16 @@ def loss_curve(records: Sequence[Mapping[str, Any]], path: str, *,
 
 def _log_if_wide(axes, which: str, values: Sequence[float]) -> None:
   """Log scale for an axis whose values are all positive and span a factor of 10 or more."""
+  from matplotlib import ticker  # see _figure
   values = np.asarray(values, np.float64)
   if values.size and (values > 0).all() and values.max() >= 10 * values.min():
+    axis = axes.xaxis if which == 'x' else axes.yaxis
     (axes.set_xscale if which == 'x' else axes.set_yscale)('log')
+    # Labels at 1, 2 and 5 times each power of 10 only: matplotlib's labelled minor ticks of a
+    # short log axis run into each other.
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def tradeoff_figure(measured: Sequence[Mapping[str, Any]], *, labels: Sequence[str],
