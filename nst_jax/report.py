@@ -74,14 +74,16 @@ class Progress:
       self.stream.flush()
 
   def _draw_bar(self, *, done: int, text: str, label: str) -> None:
-    if self._bar is None:
-      self._bar = tqdm.tqdm(total=self.total, file=self.stream, dynamic_ncols=True, leave=True,
+    if self._bar is None:  # drawn at once, in its first state
+      self._bar = tqdm.tqdm(total=self.total, initial=done, desc=label, postfix=text,
+                            file=self.stream, dynamic_ncols=True, leave=True,
                             bar_format='{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}'
                             '{postfix}')
-    self._bar.n = done
-    self._bar.set_description_str(label, refresh=False)
-    self._bar.set_postfix_str(text, refresh=False)
-    self._bar.refresh()
+    else:
+      self._bar.n = done
+      self._bar.set_description_str(label, refresh=False)
+      self._bar.set_postfix_str(text, refresh=False)
+      self._bar.refresh()
     if done >= self.total:
       self._close_bar()
 
