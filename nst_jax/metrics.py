@@ -22,11 +22,9 @@ the unstyled photo. The content distance of the reference is 0, so it has no rat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -84,24 +82,11 @@ class LayerStatistics:
 _PRECISION = 'highest'
 
 
-@contextlib.contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-  """Host linear algebra on one thread: between XLA programs on a busy CPU, multithreaded
-  OpenBLAS took 1-4 s instead of 0.03 s per 512 x 512 eigh (its threads wait on each other)."""
-  # threadpoolctl's import sets KMP_DUPLICATE_LIB_OK in the environment; nst_jax changes no
-  # process state, so the import waits until here and the variable is put back.
-  unset = 'KMP_DUPLICATE_LIB_OK' not in os.environ
-  import threadpoolctl
-  if unset:
-    os.environ.pop('KMP_DUPLICATE_LIB_OK', None)
-  with threadpoolctl.threadpool_limits(limits=1, user_api='blas'):
-    yield
-
-
 def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
-  with _single_threaded_blas():
-    values, vectors = np.linalg.eigh(matrix)
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+  # About 0.1 s per 512 x 512 eigh here; on a CPU oversubscribed by other processes OpenBLAS's
+  # threads can take seconds (limiting them would need a dependency outside requirements.txt).
+  values, vectors = np.linalg.eigh(matrix)
+  return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
 def _device_statistics(features: jax.Array, projections: jax.Array) -> dict[str, jax.Array]:
@@ -172,9 +157,8 @@ def gaussian_w2_distance(ours: LayerStatistics, theirs: LayerStatistics) -> floa
   """Squared 2-Wasserstein distance of the Gaussians ``N(μ, Σ)`` fitted to two feature sets."""
   # tr((Σ₂^½ Σ₁ Σ₂^½)^½) equals tr((Σ₁^½ Σ₂ Σ₁^½)^½); the style's (theirs) root is the one a
   # batch shares.
-  with _single_threaded_blas():
-    middle = theirs.covariance_sqrt @ ours.covariance @ theirs.covariance_sqrt
-    cross = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)))
+  middle = theirs.covariance_sqrt @ ours.covariance @ theirs.covariance_sqrt
+  cross = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)))
   means = np.sum((ours.mean.astype(np.float64) - theirs.mean) ** 2)
   return float(max(means + np.trace(ours.covariance) + np.trace(theirs.covariance)
                    - 2 * cross, 0.0))
