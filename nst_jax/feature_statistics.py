@@ -45,9 +45,17 @@ def gram_statistic(features: jax.Array, *, mask: jax.Array | None = None,
   return gram(features) / positions
 
 
-def _positions_and_weights(features: jax.Array, mask: jax.Array | None
-                           ) -> tuple[jax.Array, jax.Array]:
-  """Features as (positions, channels) and each position's weight, summing to one."""
+def positions_and_weights(features: jax.Array, mask: jax.Array | None
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Features as (positions, channels) and each position's weight, summing to one.
+
+  Args:
+    features: one layer's activations (H, W, C).
+    mask: (H, W) weights of the positions (a region), or None for equal weights.
+
+  Returns:
+    ``(flat, weights)``: (H·W, C) and (H·W,).
+  """
   flat = features.reshape(-1, features.shape[-1])
   if mask is None:
     return flat, jnp.full((flat.shape[0],), 1.0 / flat.shape[0], flat.dtype)
@@ -61,7 +69,7 @@ def mean_covariance_statistic(features: jax.Array, *, mask: jax.Array | None = N
 
   With a mask (H, W) the mean and covariance are weighted by it: the statistics of the region.
   """
-  flat, weights = _positions_and_weights(features, mask)
+  flat, weights = positions_and_weights(features, mask)
   mean = weights @ flat
   centred = flat - mean
   covariance = (centred * weights[:, None]).T @ centred
@@ -73,7 +81,7 @@ def mean_covariance_statistic(features: jax.Array, *, mask: jax.Array | None = N
 def mean_std_statistic(features: jax.Array, *, mask: jax.Array | None = None,
                        **unused_options) -> dict[str, jax.Array]:
   """Channel mean and standard deviation (C,), the AdaIN statistic (weighted by a mask if given)."""
-  flat, weights = _positions_and_weights(features, mask)
+  flat, weights = positions_and_weights(features, mask)
   mean = weights @ flat
   variance = weights @ (flat - mean) ** 2
   return {'mean': mean, 'std': jnp.sqrt(variance + 1e-5)}

@@ -48,11 +48,12 @@ def optimize_chunk(state: dict, steps_to_take: jax.Array, net: Mapping, targets:
   optimizer = program.optimizer.make()
 
   def chunk_of_one_problem(state, problem_targets):
-    loss_fn = lambda image: problem.objective(image, net=net, targets=problem_targets,
-                                              program=program)[0]
+    loss_fn = lambda image, step=0: problem.objective(
+        image, net=net, targets=problem_targets, program=program, step=step)[0]
     return optim.run_chunk(state, loss_fn=loss_fn, optimizer=optimizer,
                            linesearch=optim.uses_linesearch(program.optimizer.name),
-                           length=program.optimizer.chunk_size, active=steps_to_take)
+                           length=program.optimizer.chunk_size, active=steps_to_take,
+                           stochastic=program.stochastic)
 
   return jax.vmap(chunk_of_one_problem)(state, targets)
 
@@ -63,8 +64,9 @@ def initial_state(images_: jax.Array, net: Mapping, targets: Mapping, *,
   """Batched :func:`nst_jax.optim.init_state` (a line-search optimiser's first loss included)."""
   optimizer = program.optimizer.make()
   return jax.vmap(lambda image, problem_targets: optim.init_state(
-      optimizer, image, loss_fn=lambda x: problem.objective(
-          x, net=net, targets=problem_targets, program=program)[0]))(images_, targets)
+      optimizer, image, loss_fn=lambda x, step=0: problem.objective(
+          x, net=net, targets=problem_targets, program=program, step=step)[0],
+      stochastic=program.stochastic))(images_, targets)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,17 +12,21 @@ A loss term is a pure, keyword-only function of one layer::
 * ``image``: the generated image, RGB 0-255 (H, W, 3).
 * ``mask``: only for style terms used with spatial masks, the region's mask at the layer's
   resolution (H, W); terms that support masks take it as a keyword.
+* ``key``: only for terms that name it, a PRNG key for random draws (projections, subsets of
+  positions): the problem's seed folded with the optimisation step, the entry and the layer, so it
+  is fixed within a step (a line search sees one function), new at the next, and reproducible.
 * ``options``: the term's ``options`` from the config.
 
-The config names terms (``config.losses.<entry>.term``): a name registered here (:data:`TERMS`) or
-``"package.module:function"`` for a term defined outside nst_jax. The total is
-``sum_entries weight * sum_styles blend * sum_layers layer_weight * term(...)``.
+The config names terms (``config.losses.<entry>.term``): a registered name (:data:`TERMS`) or
+``"package.module:function"`` for a term defined outside nst_jax. This module defines Gatys et
+al.'s terms and the Gaussian distribution terms (the registry itself is :mod:`nst_jax.terms`).
+The total is
+``sum_entries weight * sum_styles blend * sum_layers layer_weight * term(...)``; an entry with
+``normalize_gradients`` divides each layer's gradient by its L1 norm in the backward pass.
 """
-
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -32,66 +36,15 @@ import jax.numpy as jnp
 
 from nst_jax import errors
 from nst_jax import feature_statistics
+from nst_jax import terms
 
-REFERENCES = ('content', 'style', None)
-
-
-def term(*, reference: str | None, statistic: Callable[..., Any] | None = None):
-  """Marks a function as a loss term.
-
-  Args:
-    reference: which image's features become targets: ``"content"``, ``"style"`` or ``None``.
-    statistic: maps a reference layer's features (H, W, C) (and the term's options) to the stored
-      target; default: the features themselves.
-
-  Returns:
-    A decorator that records these on the function and returns it unchanged.
-  """
-  if reference not in REFERENCES:
-    raise ValueError(f'reference must be one of {REFERENCES}, got {reference!r}')
-
-  def decorate(fn):
-    fn.reference = reference
-    fn.statistic = statistic or (lambda features, **unused: features)
-    return fn
-
-  return decorate
-
-
-#: The built-in terms by name.
-TERMS: dict[str, Callable[..., jax.Array]] = {}
-
-
-def register(name: str, *, reference: str | None, statistic: Callable[..., Any] | None = None):
-  """Like :func:`term`, and also makes the term available as ``name`` in configs."""
-
-  def decorate(fn):
-    TERMS[name] = term(reference=reference, statistic=statistic)(fn)
-    return fn
-
-  return decorate
-
-
-def lookup(name: str) -> Callable[..., jax.Array]:
-  """Returns the term called ``name``: a built-in, or ``"module:function"`` imported on demand."""
-  if name in TERMS:
-    return TERMS[name]
-  if ':' in name:
-    module_name, _, function_name = name.partition(':')
-    try:
-      module = importlib.import_module(module_name)
-    except ImportError as exc:
-      raise errors.UserError(f'cannot import module {module_name!r} for loss term {name!r} '
-                             f'({exc}); is it on PYTHONPATH?') from None
-    fn = getattr(module, function_name, None)
-    if fn is None:
-      raise errors.UserError(f'module {module_name!r} has no function {function_name!r}')
-    if not hasattr(fn, 'reference'):
-      raise errors.UserError(f'{name} is not marked as a loss term; decorate it with '
-                             '@nst_jax.losses.term(reference=...)')
-    return fn
-  raise errors.UserError(f'unknown loss term {name!r}; built-in terms are '
-                         f'{", ".join(sorted(TERMS))}, or give "module:function"')
+# The registry lives in nst_jax.terms (shared with the other term modules); these names are the
+# documented API (``@losses.term``, ``losses.TERMS``).
+REFERENCES = terms.REFERENCES
+TERMS = terms.TERMS
+term = terms.term
+register = terms.register
+lookup = terms.lookup
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,30 +109,6 @@ def gram_loss(*, features: jax.Array, target: jax.Array, image: jax.Array,
   return scale * jnp.sum((feature_statistics.gram_statistic(features, mask=mask) - target) ** 2)
 
 
-#: Normalisations of the distribution-matching terms: ``gram`` puts the term on the scale of the
-#: Gram term (``normalization="gatys"``) so the same ``style_weight`` gives a comparable stylisation;
-#: ``none`` is the plain distance.
-DISTRIBUTION_NORMALIZATIONS = ('gram', 'none')
-
-
-def _distribution_scale(normalization: str, *, second_moment: jax.Array) -> jax.Array:
-  """Factor that brings a distance of units feature² to the Gram term's units (feature⁴).
-
-  The Gram term is a mean squared difference of second moments; multiplying a squared distance of
-  features by the style's mean second moment ``(|μ_s|² + tr Σ_s) / C`` gives the same units. The
-  remaining constant 1/8 is measured: on the embedded astronaut against The Starry Night at 64 and
-  256 px, the scaled Wasserstein and mean/std terms are 0.2–2x the Gram term at each of
-  relu1_1 ... relu5_1 (unscaled they are 400–600 000x smaller, and a style weight chosen for Gram
-  leaves the image almost unchanged).
-  """
-  if normalization == 'gram':
-    return second_moment / 8.0
-  if normalization == 'none':
-    return jnp.ones((), second_moment.dtype)
-  raise errors.UserError(f'unknown normalization {normalization!r} for a distribution term; '
-                         f'choose one of {", ".join(DISTRIBUTION_NORMALIZATIONS)}')
-
-
 @register('wasserstein', reference='style', statistic=feature_statistics.mean_covariance_statistic)
 def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
                 mask: jax.Array | None = None, normalization: str = 'gram', **unused
@@ -187,7 +116,7 @@ def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
   """Squared 2-Wasserstein distance between Gaussians fitted to the features (crowsonkb).
 
   ``|μ − μ_s|² + tr Σ + tr Σ_s − 2 tr (Σ_s^½ Σ Σ_s^½)^½``, divided by the channel count, times
-  :func:`_distribution_scale`. With a mask, μ and Σ are the masked region's.
+  :func:`nst_jax.terms.distribution_scale`. With a mask, μ and Σ are the masked region's.
   """
   stats = feature_statistics.mean_covariance_statistic(features, mask=mask)
   cross = target['sqrt_covariance'] @ stats['covariance'] @ target['sqrt_covariance']
@@ -198,7 +127,8 @@ def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
               + jnp.trace(target['covariance']) - 2.0 * cross_trace)
   channels = features.shape[-1]
   second_moment = (jnp.sum(target['mean'] ** 2) + jnp.trace(target['covariance'])) / channels
-  return distance / channels * _distribution_scale(normalization, second_moment=second_moment)
+  scale = terms.distribution_scale(normalization, second_moment=second_moment)
+  return distance / channels * scale
 
 
 @register('mean_std', reference='style', statistic=feature_statistics.mean_std_statistic)
@@ -206,13 +136,14 @@ def mean_std(*, features: jax.Array, target: Mapping[str, jax.Array],
              mask: jax.Array | None = None, normalization: str = 'gram', **unused) -> jax.Array:
   """Channel mean and standard deviation matching (the AdaIN statistic): mean squared errors.
 
-  Times :func:`_distribution_scale`; with a mask, the masked region's mean and deviation.
+  Times :func:`nst_jax.terms.distribution_scale`; with a mask, the masked region's mean and
+  deviation.
   """
   stats = feature_statistics.mean_std_statistic(features, mask=mask)
   distance = (jnp.mean((stats['mean'] - target['mean']) ** 2)
               + jnp.mean((stats['std'] - target['std']) ** 2))
   second_moment = jnp.mean(target['mean'] ** 2 + target['std'] ** 2)
-  return distance * _distribution_scale(normalization, second_moment=second_moment)
+  return distance * terms.distribution_scale(normalization, second_moment=second_moment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +192,8 @@ class Entry:
     layers: the layers it reads.
     layer_weights: a weight per layer (same order).
     options: extra keyword arguments for the term, as sorted (key, value) pairs.
+    normalize_gradients: divide each layer's gradient by its L1 norm in the backward pass
+      (jcjohnson/neural-style's ``-normalize_gradients``; see :func:`normalize_gradient`).
   """
 
   name: str
@@ -268,6 +201,7 @@ class Entry:
   layers: tuple[str, ...]
   layer_weights: tuple[float, ...]
   options: tuple[tuple[str, Any], ...] = ()
+  normalize_gradients: bool = False
 
   @property
   def fn(self) -> Callable[..., jax.Array]:
@@ -279,8 +213,8 @@ class Entry:
 
 
 def make_entry(*, name: str, term: str, layers: Sequence[str] = (),
-               layer_weights: Sequence[float] = (), options: Mapping[str, Any] | None = None
-               ) -> Entry:
+               layer_weights: Sequence[float] = (), options: Mapping[str, Any] | None = None,
+               normalize_gradients: bool = False) -> Entry:
   """Builds an :class:`Entry`, checking the term exists and the weights match the layers.
 
   Empty ``layer_weights`` means equal weights ``1/len(layers)`` (Gatys' w_l).
@@ -290,18 +224,28 @@ def make_entry(*, name: str, term: str, layers: Sequence[str] = (),
   if fn.reference is not None and not layers:
     raise errors.UserError(f'loss {name!r} (term {term!r}) needs at least one layer; set '
                            f'--config.losses.{name}.layers')
+  if normalize_gradients and fn.reference is None:
+    raise errors.UserError(f'loss {name!r} (term {term!r}) reads no layer, so it has no layer '
+                           f'gradient to normalise; set --config.losses.{name}.normalize_gradients'
+                           '=False')
   if layer_weights and len(layer_weights) != len(layers):
     raise errors.UserError(f'loss {name!r} has {len(layer_weights)} layer weights for '
                            f'{len(layers)} layers; give one per layer or none')
   weights = tuple(float(w) for w in layer_weights) or tuple(1.0 / max(len(layers), 1)
                                                               for _ in layers)
   return Entry(name=name, term=term, layers=layers, layer_weights=weights,
-               options=tuple(sorted((options or {}).items())))
+               options=tuple(sorted((options or {}).items())),
+               normalize_gradients=bool(normalize_gradients))
 
 
 def accepts_mask(entry: Entry) -> bool:
   """Whether the entry's term names a ``mask`` keyword (so spatial masks can be honoured)."""
   return 'mask' in inspect.signature(entry.fn).parameters
+
+
+def accepts_key(entry: Entry) -> bool:
+  """Whether the entry's term names a ``key`` keyword (it draws random numbers each step)."""
+  return 'key' in inspect.signature(entry.fn).parameters
 
 
 def feature_layers(entries: Sequence[Entry], reference: str | None = None) -> tuple[str, ...]:
@@ -341,11 +285,58 @@ def targets(*, entries: Sequence[Entry], reference_features: Mapping[str, jax.Ar
   return out
 
 
+@jax.custom_vjp
+def normalize_gradient(features: jax.Array, strength: jax.Array) -> jax.Array:
+  """The identity on ``features``; in the backward pass the gradient is L1-normalised.
+
+  jcjohnson/neural-style's ``-normalize_gradients``: each loss module divides the gradient it
+  sends to its layer by the gradient's L1 norm (+1e-8), then multiplies by its strength. Here the
+  arriving cotangent already carries ``strength`` (the entry's weight times the layer's), so it
+  is divided by its own L1 norm and multiplied by ``|strength|``: the layer's gradient has L1
+  norm ``|strength|``, its direction the term's, and weights keep their meaning.
+  """
+  del strength
+  return features
+
+
+def _normalize_gradient_fwd(features, strength):
+  return features, strength
+
+
+def _normalize_gradient_bwd(strength, cotangent):
+  scale = jnp.abs(strength) / (jnp.sum(jnp.abs(cotangent)) + 1e-8)
+  return cotangent * scale.astype(cotangent.dtype), jnp.zeros_like(strength)
+
+
+normalize_gradient.defvjp(_normalize_gradient_fwd, _normalize_gradient_bwd)
+
+
+def _layer_sum(entry: Entry, *, image: jax.Array, features: Mapping[str, jax.Array],
+               per_reference: Sequence[tuple], weight: jax.Array, key: jax.Array | None
+               ) -> jax.Array:
+  """``sum_references blend * sum_layers layer_weight * term(...)`` of one entry."""
+  value = 0.0
+  for layer_index, (layer, layer_weight) in enumerate(zip(entry.layers, entry.layer_weights)):
+    layer_features = features[layer]
+    if entry.normalize_gradients:
+      layer_features = normalize_gradient(layer_features, jnp.asarray(weight * layer_weight,
+                                                                       jnp.float32))
+    kwargs = dict(entry.options)
+    if key is not None:  # each layer its own draws; every reference image the same ones
+      kwargs['key'] = jax.random.fold_in(key, layer_index)
+    for blend, entry_targets, masks in per_reference:
+      if masks is not None:
+        kwargs['mask'] = masks[layer]
+      value = value + blend * layer_weight * entry.fn(
+          features=layer_features, target=entry_targets[layer], image=image, **kwargs)
+  return value
+
+
 def total(*, image: jax.Array, features: Mapping[str, jax.Array], entries: Sequence[Entry],
           weights: Mapping[str, jax.Array], content_targets: Mapping,
           style_targets: Sequence[Mapping], style_blend: jax.Array,
-          style_masks: Sequence[Mapping[str, jax.Array]] | None = None
-          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+          style_masks: Sequence[Mapping[str, jax.Array]] | None = None,
+          key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted total loss and each entry's (weighted) part.
 
   Args:
@@ -358,15 +349,23 @@ def total(*, image: jax.Array, features: Mapping[str, jax.Array], entries: Seque
     style_blend: blend weight per style image (S,), summing to one.
     style_masks: per style, its region of the generated image per layer ``{layer: (H, W)}``;
       None for no spatial control.
+    key: the step's PRNG key, needed when a term takes ``key`` (:func:`accepts_key`); folded
+      with the entry's index and the layer's, so terms and layers draw differently.
 
   Returns:
     ``(total, {entry name: weighted part})``.
   """
   parts = {}
-  for entry in entries:
-    options = dict(entry.options)
+  for entry_index, entry in enumerate(entries):
+    entry_key = None
+    if accepts_key(entry):
+      if key is None:
+        raise ValueError(f'loss {entry.name!r} (term {entry.term!r}) draws random numbers; '
+                         'give losses.total a key')
+      entry_key = jax.random.fold_in(key, entry_index)
     if entry.reference is None:
-      value = entry.fn(image=image, **options)
+      keyword = {} if entry_key is None else {'key': entry_key}
+      value = entry.fn(image=image, **dict(entry.options), **keyword)
     else:
       if entry.reference == 'content':
         per_reference = [(1.0, content_targets[entry.name], None)]
@@ -375,13 +374,7 @@ def total(*, image: jax.Array, features: Mapping[str, jax.Array], entries: Seque
             (style_blend[index], style_targets[index][entry.name],
              None if style_masks is None else style_masks[index])
             for index in range(len(style_targets))]
-      value = 0.0
-      for blend, entry_targets, masks in per_reference:
-        for layer, layer_weight in zip(entry.layers, entry.layer_weights):
-          kwargs = dict(options)
-          if masks is not None:
-            kwargs['mask'] = masks[layer]
-          value = value + blend * layer_weight * entry.fn(
-              features=features[layer], target=entry_targets[layer], image=image, **kwargs)
+      value = _layer_sum(entry, image=image, features=features, per_reference=per_reference,
+                         weight=weights[entry.name], key=entry_key)
     parts[entry.name] = weights[entry.name] * value
   return sum(parts.values()), parts

@@ -22,6 +22,7 @@ active steps a traced argument, so a shorter last chunk does not recompile.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -174,7 +175,7 @@ def uses_linesearch(name: str) -> bool:
 
 
 def init_state(optimizer: optax.GradientTransformationExtraArgs, image: jax.Array, *,
-               loss_fn: LossFn | None = None) -> dict:
+               loss_fn: LossFn | None = None, stochastic: bool = False) -> dict:
   """The optimisation state as a plain pytree.
 
   ``image`` is the current image, ``last_finite`` the latest image whose loss was finite (what a
@@ -185,9 +186,12 @@ def init_state(optimizer: optax.GradientTransformationExtraArgs, image: jax.Arra
   ``value_and_grad_from_state`` instead decides inside every step with a ``lax.cond`` whose
   predicate is batched under ``jax.vmap``, so both branches ran: one wasted forward+backward per
   step.) Without ``loss_fn`` the state has the right structure (for checkpoint templates) but a
-  line-search optimiser cannot step from it.
+  line-search optimiser cannot step from it. ``stochastic``: ``loss_fn`` takes ``step`` (see
+  :func:`step`); evaluated here at step 0.
   """
   opt_state = optimizer.init(image)
+  if loss_fn is not None and stochastic:
+    loss_fn = functools.partial(loss_fn, step=jnp.zeros((), jnp.int32))
   if loss_fn is not None and optax.tree.get(opt_state, 'value', None) is not None:
     value, grad = jax.value_and_grad(loss_fn)(image)
     opt_state = optax.tree.set(opt_state, value=value, grad=grad)
@@ -196,25 +200,32 @@ def init_state(optimizer: optax.GradientTransformationExtraArgs, image: jax.Arra
 
 
 def step(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransformationExtraArgs,
-         linesearch: bool) -> tuple[dict, jax.Array]:
+         linesearch: bool, stochastic: bool = False) -> tuple[dict, jax.Array]:
   """One optimisation step; a non-finite loss restores ``last_finite`` and clears ``finite``.
 
   Args:
     state: from :func:`init_state`.
-    loss_fn: image -> scalar loss.
+    loss_fn: image -> scalar loss; with ``stochastic``, ``loss_fn(image, step=...)``.
     optimizer: from :func:`make`.
     linesearch: :func:`uses_linesearch` of the optimiser.
+    stochastic: the loss draws random numbers from the step counter (``state['step']``, traced:
+      no recompilation). Every evaluation of this step (a line search's too) gets the same
+      counter, so the step sees one fixed function; the next step, another.
 
   Returns:
     The new state and the loss at the image before the step.
   """
   image, opt_state = state['image'], state['opt_state']
-  if linesearch:
+  if stochastic:
+    loss_fn = functools.partial(loss_fn, step=state['step'])
+  if linesearch and not stochastic:
     # The line search left the loss and gradient of the accepted image in the state (and
     # init_state stored those of the first image): no evaluation, no cond.
     value = optax.tree.get(opt_state, 'value')
     grad = optax.tree.get(opt_state, 'grad')
   else:
+    # A stochastic loss is evaluated afresh even with a line search: the stored value and
+    # gradient belong to the previous step's function.
     value, grad = jax.value_and_grad(loss_fn)(image)
   updates, new_opt_state = optimizer.update(
       grad, opt_state, image, value=value, grad=grad, value_fn=loss_fn)
@@ -237,7 +248,8 @@ def step(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransformatio
 
 
 def run_chunk(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransformationExtraArgs,
-              linesearch: bool, length: int, active: jax.Array) -> tuple[dict, jax.Array]:
+              linesearch: bool, length: int, active: jax.Array, stochastic: bool = False
+              ) -> tuple[dict, jax.Array]:
   """Runs ``length`` steps under ``lax.scan``; steps at or past ``active`` leave the state unchanged
   and report NaN.
 
@@ -248,6 +260,7 @@ def run_chunk(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransfor
     linesearch: :func:`uses_linesearch` of the optimiser.
     length: static number of steps in the scan.
     active: traced number of steps to really take (<= length).
+    stochastic: ``loss_fn`` takes the step counter (:func:`step`).
 
   Returns:
     The new state and the per-step losses (length,).
@@ -255,7 +268,8 @@ def run_chunk(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransfor
 
   def body(carry, index):
     def take(carry):
-      return step(carry, loss_fn=loss_fn, optimizer=optimizer, linesearch=linesearch)
+      return step(carry, loss_fn=loss_fn, optimizer=optimizer, linesearch=linesearch,
+                  stochastic=stochastic)
 
     def skip(carry):
       return carry, jnp.full((), jnp.nan, jnp.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -221,7 +222,8 @@ def _entries(config) -> tuple[tuple[losses.Entry, ...], dict[str, float]]:
     entries.append(losses.make_entry(
         name=name, term=entry.term, layers=tuple(entry.layers),
         layer_weights=tuple(entry.get('layer_weights', ()) or ()),
-        options=dict(entry.get('options', {}) or {})))
+        options=dict(entry.get('options', {}) or {}),
+        normalize_gradients=bool(entry.get('normalize_gradients', False))))
   if not entries:
     raise errors.UserError('every loss weight is zero; set --config.content_weight or '
                            '--config.style_weight')
@@ -230,9 +232,11 @@ def _entries(config) -> tuple[tuple[losses.Entry, ...], dict[str, float]]:
   if split(config.style_masks):
     for entry in entries:
       if entry.reference == 'style' and not losses.accepts_mask(entry):
+        maskable = sorted(name for name, fn in losses.TERMS.items() if fn.reference == 'style'
+                          and 'mask' in inspect.signature(fn).parameters)
         raise errors.UserError(
             f'loss {entry.name!r} (term {entry.term!r}) takes no mask keyword, so it cannot honour '
-            '--config.style_masks; use a term that does (gram, wasserstein, mean_std) or add '
+            f'--config.style_masks; use a term that does ({", ".join(maskable)}) or add '
             '`mask=None` to its signature (README, "Add your own loss")')
   return tuple(entries), {entry.name: float(config.losses[entry.name].weight) for entry in entries}
 

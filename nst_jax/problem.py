@@ -37,20 +37,31 @@ class Program:
   def layers(self) -> tuple[str, ...]:
     return losses.feature_layers(self.entries)
 
+  @property
+  def stochastic(self) -> bool:
+    """Whether a term draws random numbers (takes a ``key``): the loss then depends on the step."""
+    return any(losses.accepts_key(entry) for entry in self.entries)
+
   def features(self, net: Mapping, image: jax.Array, layers: Sequence[str]) -> dict:
     return vgg.features(net, image, layers=layers, network=self.network.name,
                         pooling=self.network.pooling, remat=self.network.remat,
                         compute_dtype=jnp.dtype(self.network.compute_dtype))
 
 
-def objective(image: jax.Array, *, net: Mapping, targets: Mapping, program: Program
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss of one generated image and its weighted parts, for one problem of a batch."""
+def objective(image: jax.Array, *, net: Mapping, targets: Mapping, program: Program,
+              step: jax.Array | int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss of one generated image and its weighted parts, for one problem of a batch.
+
+  ``step`` selects the random draws of terms that take a ``key``: the problem's key (from its
+  seed, ``targets['key']``) folded with the step. Logs and balances measure at step 0, so one
+  image always gets one value.
+  """
   features = program.features(net, image, program.layers)
   return losses.total(
       image=image, features=features, entries=program.entries, weights=targets['weights'],
       content_targets=targets['content_targets'], style_targets=targets['style_targets'],
-      style_blend=targets['style_blend'], style_masks=targets.get('style_masks'))
+      style_blend=targets['style_blend'], style_masks=targets.get('style_masks'),
+      key=jax.random.fold_in(targets['key'], step) if program.stochastic else None)
 
 
 @functools.partial(jax.jit, static_argnames=('program', 'layers'))
@@ -87,6 +98,9 @@ def _problem_targets(batch: inputs.Batch, index: int, images_plan: plan_lib.Imag
   targets: dict[str, Any] = {
       'weights': {name: np.float32(value) for name, value in batch.entry_weights[index].items()},
       'style_blend': batch.style_blend[index], 'content_targets': {}, 'style_targets': [],
+      # Raw uint32 key data, so the batch stacks and shards like any array and vmap carries each
+      # problem's own key.
+      'key': np.asarray(jax.random.key_data(jax.random.key(batch.seeds[index]))),
   }
   if content_layers:
     features = reference_features(net, jnp.asarray(content), program=program,

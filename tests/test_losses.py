@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -233,3 +234,83 @@ def test_a_term_from_outside_the_package_by_name(tmp_path):
   log = (tmp_path / 'out' / 'losses.jsonl').read_text().splitlines()
   assert '"mean"' in log[-1]  # the researcher's term was part of the total
   assert (tmp_path / 'out' / 'result.png').exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Per-layer gradient normalisation (jcjohnson/neural-style's -normalize_gradients).
+
+
+def _style_total(rng, *, normalize, weight, layer_weights):
+  """The total of one Gram entry over two layers, as a function of the features."""
+  feats = {'a': rng.standard_normal((4, 4, 3)).astype(np.float32),
+           'b': rng.standard_normal((2, 3, 3)).astype(np.float32)}
+  style = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in feats.items()}
+  entries = (losses.make_entry(name='style', term='gram', layers=['a', 'b'],
+                               layer_weights=layer_weights, normalize_gradients=normalize),)
+  style_targets = [losses.targets(entries=entries, reference_features=style, reference='style')]
+  fn = lambda features: losses.total(
+      image=jnp.zeros((8, 8, 3)), features=features, entries=entries, weights={'style': weight},
+      content_targets={}, style_targets=style_targets, style_blend=jnp.ones(1))[0]
+  return fn, {k: jnp.asarray(v) for k, v in feats.items()}
+
+
+def test_normalize_gradients_gives_each_layer_a_unit_l1_gradient():
+  plain, feats = _style_total(np.random.default_rng(1), normalize=False, weight=1.0,
+                              layer_weights=[1.0, 1.0])
+  normalized, _ = _style_total(np.random.default_rng(1), normalize=True, weight=1.0,
+                               layer_weights=[1.0, 1.0])
+  np.testing.assert_allclose(normalized(feats), plain(feats), rtol=1e-6)  # forward unchanged
+  got, raw = jax.grad(normalized)(feats), jax.grad(plain)(feats)
+  for layer in ('a', 'b'):
+    g, r = np.asarray(got[layer], np.float64), np.asarray(raw[layer], np.float64)
+    np.testing.assert_allclose(np.abs(g).sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(g, r / np.abs(r).sum(), rtol=1e-4, atol=1e-9)  # same direction
+  # Weights scale the normalised gradient, as neural-style's strength does: L1 = weight x w_l.
+  weighted, _ = _style_total(np.random.default_rng(1), normalize=True, weight=3.0,
+                             layer_weights=[0.5, 2.0])
+  got = jax.grad(weighted)(feats)
+  np.testing.assert_allclose(np.abs(np.asarray(got['a'])).sum(), 1.5, rtol=1e-5)
+  np.testing.assert_allclose(np.abs(np.asarray(got['b'])).sum(), 6.0, rtol=1e-5)
+
+
+def test_normalize_gradients_from_the_config_and_refused_without_layers(tmp_path):
+  from nst_jax import plan
+  from tests import helpers
+  config = helpers.tiny_config(tmp_path, **{'losses.style.normalize_gradients': True})
+  entries = {entry.name: entry for entry in plan.from_config(config).entries}
+  assert entries['style'].normalize_gradients and not entries['content'].normalize_gradients
+  with pytest.raises(errors.UserError, match='reads no layer'):
+    losses.make_entry(name='tv', term='tv', normalize_gradients=True)
+
+
+# ------------------------------------------------------------------------------------------
+# PRNG keys for terms that draw random numbers.
+
+
+def test_terms_that_take_a_key_get_one_per_entry_and_layer(monkeypatch):
+  @losses.term(reference='style')
+  def noise(*, features, target, key, **unused):
+    return jax.random.uniform(key)
+
+  monkeypatch.setitem(losses.TERMS, 'noise', noise)
+  entries = tuple(losses.make_entry(name=name, term='noise', layers=['x', 'y'])
+                  for name in ('first', 'second'))
+  assert losses.accepts_key(entries[0])
+  assert not losses.accepts_key(losses.make_entry(name='s', term='gram', layers=['x']))
+  features = {'x': jnp.zeros((2, 2, 1)), 'y': jnp.zeros((1, 1, 1))}
+  style_targets = [losses.targets(entries=entries, reference_features=features,
+                                  reference='style')]
+  key = jax.random.PRNGKey(7)
+  _, parts = losses.total(image=jnp.zeros((4, 4, 3)), features=features, entries=entries,
+                          weights={'first': 1.0, 'second': 1.0}, content_targets={},
+                          style_targets=style_targets, style_blend=jnp.ones(1), key=key)
+  for index, name in enumerate(('first', 'second')):
+    entry_key = jax.random.fold_in(key, index)
+    expected = sum(0.5 * jax.random.uniform(jax.random.fold_in(entry_key, layer))
+                   for layer in range(2))
+    np.testing.assert_allclose(parts[name], expected, rtol=1e-6)
+  assert float(parts['first']) != float(parts['second'])
+  with pytest.raises(ValueError, match='draws random numbers'):
+    losses.total(image=jnp.zeros((4, 4, 3)), features=features, entries=entries,
+                 weights={'first': 1.0, 'second': 1.0}, content_targets={},
+                 style_targets=style_targets, style_blend=jnp.ones(1))

@@ -274,3 +274,30 @@ def test_non_finite_loss_keeps_the_last_finite_image():
 def test_unknown_optimizer():
   with pytest.raises(errors.UserError, match="unknown optimizer 'sgd'; choose one of lbfgs"):
     optim.make('sgd')
+
+
+@pytest.mark.parametrize('name', ['lbfgs', 'lbfgs_fixed'])
+def test_a_stochastic_loss_is_one_function_per_step(name):
+  """A loss that takes the step counter: every evaluation of a step (the line search's too) sees
+  that step's counter, and the loss reported is that step's function at the step's image."""
+  seen = []
+
+  def loss(x, step):
+    jax.debug.callback(lambda s: seen.append(int(s)), step)
+    centre = 1.0 + 0.5 * jnp.sin(step.astype(jnp.float32))  # the function moves every step
+    return jnp.sum((x - centre) ** 2) + 0.1 * jnp.sum(x ** 4)
+
+  optimizer = optim.make(name)
+  state = optim.init_state(optimizer, jnp.zeros(3), loss_fn=loss, stochastic=True)
+  one_step = jax.jit(lambda s: optim.run_chunk(
+      s, loss_fn=loss, optimizer=optimizer, linesearch=optim.uses_linesearch(name), length=1,
+      active=1, stochastic=True))
+  for expected_step in range(4):
+    image = state['image']
+    seen.clear()
+    state, losses = one_step(state)
+    assert set(seen) == {expected_step}, seen
+    if name == 'lbfgs':
+      assert len(seen) > 1  # the line search evaluated again, with the same counter
+    np.testing.assert_allclose(losses[0], loss(image, jnp.int32(expected_step)), rtol=1e-6)
+  assert int(state['step']) == 4
