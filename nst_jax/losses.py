@@ -19,8 +19,9 @@ A loss term is a pure, keyword-only function of one layer::
 
 The config names terms (``config.losses.<entry>.term``): a registered name (:data:`TERMS`) or
 ``"package.module:function"`` for a term defined outside nst_jax. This module defines Gatys et
-al.'s terms and the Gaussian distribution terms (the registry itself is :mod:`nst_jax.terms`).
-The total is
+al.'s terms and the Gaussian distribution terms; it imports :mod:`nst_jax.texture_losses` and
+:mod:`nst_jax.strotss` so that their terms are registered too (the registry itself is
+:mod:`nst_jax.terms`). The total is
 ``sum_entries weight * sum_styles blend * sum_layers layer_weight * term(...)``; an entry with
 ``normalize_gradients`` divides each layer's gradient by its L1 norm in the backward pass.
 """
@@ -36,7 +37,9 @@ import jax.numpy as jnp
 
 from nst_jax import errors
 from nst_jax import feature_statistics
+from nst_jax import strotss  # noqa: F401  (registers relaxed_emd, self_similarity)
 from nst_jax import terms
+from nst_jax import texture_losses  # noqa: F401  (registers sliced_wasserstein, histogram, mrf)
 
 # The registry lives in nst_jax.terms (shared with the other term modules); these names are the
 # documented API (``@losses.term``, ``losses.TERMS``).

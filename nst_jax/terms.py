@@ -1,10 +1,13 @@
 """What every loss-term module shares: the registry of terms by name, and the Gram scale.
 
-The built-in terms may live in several modules, one per family, beside :mod:`nst_jax.losses`
-(Gatys et al.'s content, Gram and total-variation terms, the Gaussian distribution terms, and the
-weighted total). Each imports this module and registers into :data:`TERMS`; none imports another
-term module, so there is no import cycle. :mod:`nst_jax.losses` re-exports :func:`term`,
-:func:`register`, :func:`lookup` and :data:`TERMS`: a researcher writes ``@losses.term(...)``.
+The built-in terms live in several modules, one per family: :mod:`nst_jax.losses` (Gatys et al.'s
+content, Gram and total-variation terms, the Gaussian distribution terms, and the weighted total),
+:mod:`nst_jax.texture_losses` (sliced Wasserstein, histogram, MRF) and :mod:`nst_jax.strotss`
+(relaxed EMD, self-similarity). Each imports this module and registers into :data:`TERMS`; none
+imports another term module, so there is no import cycle. :mod:`nst_jax.losses` imports the
+others, so importing it (as everything that names a term does) registers every built-in term, and
+it re-exports :func:`term`, :func:`register`, :func:`lookup` and :data:`TERMS`: a researcher
+writes ``@losses.term(...)``.
 
 :func:`distribution_scale` is here because every distribution-matching term, whichever module
 defines it, puts its distance on the Gram term's scale the same way, so that one

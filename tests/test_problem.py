@@ -1,6 +1,7 @@
 """The problem at one scale: targets, the balance of terms across scales, the compiled objective."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nst_jax import problem
@@ -74,3 +75,19 @@ def test_masks_are_resized_to_each_style_layer(tmp_path):
   # Left half white, right half black, with a little resampling blur at the edge.
   np.testing.assert_allclose(masks['block2_relu1'][0, :, :8], 1.0, atol=0.01)
   np.testing.assert_allclose(masks['block2_relu1'][0, :, 12:], 0.0, atol=0.01)
+
+
+def test_random_draws_follow_the_step_and_the_problem_seed():
+  prepared = helpers.prepare(helpers.tiny_config(
+      batch_over='seed', batch_values='0,1', **{'losses.style.term': 'sliced_wasserstein',
+                                                'losses.style.options': {}}))
+  assert prepared.program.stochastic
+  targets = prepared.scale_targets(40, 40)
+  assert targets['key'].shape == (2, 2)
+  image = jnp.asarray(prepared.start_images(40, 40)[0])
+  style_part = lambda problem_index, step: float(problem.objective(
+      image, net=prepared.net, targets=jax.tree.map(lambda v: v[problem_index], targets),
+      program=prepared.program, step=step)[1]['style'])
+  assert style_part(0, 3) == style_part(0, 3)
+  assert style_part(0, 3) != style_part(0, 4)  # projections redrawn at the next step
+  assert style_part(0, 3) != style_part(1, 3)  # and differently for another seed
