@@ -131,6 +131,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Steps per compiled chunk (lax.scan): the host sees progress, logs and checks Ctrl-C between
   # chunks. Larger chunks: fewer host round trips; smaller: quicker reaction.
   config.chunk_size = 25
+  # What the optimiser moves: 'pixels', or 'laplacian' (the levels of a Laplacian pyramid of the
+  # image, as STROTSS does: coarse structure forms first, high-frequency noise late).
+  config.parameterization = 'pixels'
+  # Halvings of that pyramid (stopping before a level's shorter side falls under 8 px).
+  config.pyramid_levels = 4
   # Start image: 'content', 'style', 'uniform' (mean pixel + U(-128, 128), the Keras tutorial),
   # 'gaussian' (mean pixel + N(0, init_noise_scale)) or a path to an image file.
   config.init = 'content'

@@ -29,9 +29,11 @@ from nst_jax import problem
 from nst_jax import report
 
 
-@functools.partial(jax.jit, static_argnames=('program',), donate_argnames=('state',))
+@functools.partial(jax.jit, static_argnames=('program', 'image_size'),
+                   donate_argnames=('state',))
 def optimize_chunk(state: dict, steps_to_take: jax.Array, net: Mapping, targets: Mapping, *,
-                   program: problem.Program) -> tuple[dict, jax.Array]:
+                   program: problem.Program, image_size: tuple[int, int] | None = None
+                   ) -> tuple[dict, jax.Array]:
   """``chunk_size`` optimisation steps of every problem in the batch, in one program.
 
   Args:
@@ -41,6 +43,8 @@ def optimize_chunk(state: dict, steps_to_take: jax.Array, net: Mapping, targets:
     net: :func:`nst_jax.vgg.prepare` output, shared by the batch.
     targets: batched targets and weights (leading axis N), from :func:`problem.scale_targets`.
     program: the static description.
+    image_size: (H, W) of the images, needed when the state holds a Laplacian pyramid
+      (``program.optimizer.parameterization``); None for pixels.
 
   Returns:
     The new state and the losses (N, chunk_size); NaN marks steps not taken.
@@ -48,8 +52,9 @@ def optimize_chunk(state: dict, steps_to_take: jax.Array, net: Mapping, targets:
   optimizer = program.optimizer.make()
 
   def chunk_of_one_problem(state, problem_targets):
-    loss_fn = lambda image, step=0: problem.objective(
-        image, net=net, targets=problem_targets, program=program, step=step)[0]
+    loss_fn = lambda variables, step=0: problem.objective(
+        program.decode(variables, image_size), net=net, targets=problem_targets,
+        program=program, step=step)[0]
     return optim.run_chunk(state, loss_fn=loss_fn, optimizer=optimizer,
                            linesearch=optim.uses_linesearch(program.optimizer.name),
                            length=program.optimizer.chunk_size, active=steps_to_take,
@@ -61,12 +66,29 @@ def optimize_chunk(state: dict, steps_to_take: jax.Array, net: Mapping, targets:
 @functools.partial(jax.jit, static_argnames=('program',))
 def initial_state(images_: jax.Array, net: Mapping, targets: Mapping, *,
                   program: problem.Program) -> dict:
-  """Batched :func:`nst_jax.optim.init_state` (a line-search optimiser's first loss included)."""
+  """Batched :func:`nst_jax.optim.init_state` of images (N, H, W, 3), encoded as the program's
+  parameterisation says (a line-search optimiser's first loss included)."""
   optimizer = program.optimizer.make()
+  size = images_.shape[1:3]
   return jax.vmap(lambda image, problem_targets: optim.init_state(
-      optimizer, image, loss_fn=lambda x, step=0: problem.objective(
-          x, net=net, targets=problem_targets, program=program, step=step)[0],
+      optimizer, program.encode(image), loss_fn=lambda x, step=0: problem.objective(
+          program.decode(x, size), net=net, targets=problem_targets, program=program,
+          step=step)[0],
       stochastic=program.stochastic))(images_, targets)
+
+
+@functools.partial(jax.jit, static_argnames=('program', 'image_size'))
+def _decoded(variables: jax.Array, *, program: problem.Program,
+             image_size: tuple[int, int]) -> jax.Array:
+  return jax.vmap(lambda v: program.decode(v, image_size))(variables)
+
+
+def images_of(state: Mapping, *, program: problem.Program, image_size: tuple[int, int]
+              ) -> jax.Array:
+  """The batch's current images (N, H, W, 3), whatever the optimiser moves."""
+  if program.optimizer.parameterization == 'pixels':
+    return state['image']
+  return _decoded(state['image'], program=program, image_size=tuple(image_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +193,9 @@ def _resume(task: Task, saving: Saving, n_padded: int, progress) -> tuple[dict |
     if progress:
       progress.message(f'no checkpoint at {path}; starting afresh')
     return None, 0, []
-  optimizer = task.program.optimizer.make()
+  optimizer, program = task.program.optimizer.make(), task.program
   template_for = lambda scale: jax.eval_shape(
-      jax.vmap(lambda x: optim.init_state(optimizer, x)), jax.ShapeDtypeStruct(
+      jax.vmap(lambda x: optim.init_state(optimizer, program.encode(x))), jax.ShapeDtypeStruct(
           (n_padded, *task.sizes[min(scale, len(task.sizes) - 1)], 3), jnp.float32))
   state, scale, records = checkpoints.load(path, template_for=template_for,
                                            fingerprint=saving.fingerprint)
@@ -217,7 +239,8 @@ def _start_state(task: Task, scale: int, targets, *, resumed: dict | None,
     if progress:
       progress.message('the checkpoint has no optimiser history (checkpoint_history): '
                        'the L-BFGS history restarts here')
-    return dict(shard(resumed), opt_state=fresh(resumed['image'])['opt_state'])
+    saved = images_of(shard(resumed), program=task.program, image_size=task.sizes[scale])
+    return dict(shard(resumed), opt_state=fresh(saved)['opt_state'])
   if resumed is not None:
     return shard(resumed)
   height, width = task.sizes[scale]
@@ -261,20 +284,23 @@ def _run_scale(task: Task, scale: int, state: dict, targets, *, log: report.Loss
   step = int(np.asarray(state['step']).max())
   if progress:
     progress.restart_clock(done_before + step)
-  last_good = np.asarray(devices.to_host(state['image']))[:n]
+  size = tuple(task.sizes[scale])
+  current = lambda state: images_of(state, program=program, image_size=size)
+  last_good = np.asarray(devices.to_host(current(state)))[:n]
   while step < steps:
     take = min(chunk_size, steps - step)
     if program.optimizer.lbfgs_restart and step > 0:
-      state = dict(state, opt_state=initial_state(state['image'], task.net, targets,
+      state = dict(state, opt_state=initial_state(current(state), task.net, targets,
                                                   program=program)['opt_state'])
-    state, chunk_losses = optimize_chunk(state, jnp.int32(take), task.net, targets,
-                                         program=program)
+    state, chunk_losses = optimize_chunk(
+        state, jnp.int32(take), task.net, targets, program=program,
+        image_size=None if program.optimizer.parameterization == 'pixels' else size)
     finite = np.asarray(devices.to_host(state['finite']))[:n]
-    last_good = np.asarray(devices.to_host(state['image']))[:n]
+    images_now = current(state)
+    last_good = np.asarray(devices.to_host(images_now))[:n]
     # Each term's share costs one more forward pass: only when it is shown, and at the end of
     # a scale so the log always closes with it.
-    parts = (devices.to_host(problem.loss_parts(state['image'], task.net, targets,
-                                                program=program))
+    parts = (devices.to_host(problem.loss_parts(images_now, task.net, targets, program=program))
              if show or step + take >= steps else None)
     _log_chunk(log, scale=scale, first_step=step,
                chunk_losses=np.asarray(devices.to_host(chunk_losses))[:n, :take], parts=parts, n=n)

@@ -26,6 +26,7 @@ from nst_jax import errors
 from nst_jax import images
 from nst_jax import losses
 from nst_jax import optim
+from nst_jax import parameterization
 from nst_jax import report
 from nst_jax import vgg
 from nst_jax import weights
@@ -123,6 +124,8 @@ class OptimizerPlan:
   adam_eps: float
   lbfgs_restart: bool
   chunk_size: int
+  parameterization: str = 'pixels'   # what the optimiser moves: 'pixels' or 'laplacian'
+  pyramid_levels: int = 4            # halvings of the Laplacian pyramid
 
   def make(self):
     """The optax transformation."""
@@ -293,12 +296,17 @@ def _optimizer(config) -> OptimizerPlan:
         'line search chooses every step); leave it at 1, or use optimizer=lbfgs_fixed or adam')
   if config.chunk_size < 1:
     raise errors.UserError(f'--config.chunk_size={config.chunk_size} must be at least 1')
+  _check_choice(config.parameterization, parameterization.PARAMETERIZATIONS,
+                field='parameterization')
+  if config.pyramid_levels < 1:
+    raise errors.UserError(f'--config.pyramid_levels={config.pyramid_levels} must be at least 1')
   return OptimizerPlan(
       name=config.optimizer, learning_rate=float(config.learning_rate),
       memory_size=int(config.memory_size), max_linesearch_steps=int(config.max_linesearch_steps),
       adam_b1=float(config.adam_b1), adam_b2=float(config.adam_b2),
       adam_eps=float(config.adam_eps), lbfgs_restart=bool(config.lbfgs_restart),
-      chunk_size=int(config.chunk_size))
+      chunk_size=int(config.chunk_size), parameterization=config.parameterization,
+      pyramid_levels=int(config.pyramid_levels))
 
 
 def _schedule(config) -> SchedulePlan:

@@ -21,6 +21,7 @@ import numpy as np
 from nst_jax import images
 from nst_jax import inputs
 from nst_jax import losses
+from nst_jax import parameterization
 from nst_jax import plan as plan_lib
 from nst_jax import vgg
 
@@ -41,6 +42,19 @@ class Program:
   def stochastic(self) -> bool:
     """Whether a term draws random numbers (takes a ``key``): the loss then depends on the step."""
     return any(losses.accepts_key(entry) for entry in self.entries)
+
+  def encode(self, image: jax.Array) -> jax.Array:
+    """An (H, W, 3) image as what the optimiser moves (itself, or its Laplacian pyramid)."""
+    if self.optimizer.parameterization == 'pixels':
+      return image
+    return parameterization.encode(image, levels=self.optimizer.pyramid_levels)
+
+  def decode(self, variables: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """The (H, W, 3) image of what the optimiser moves, for a result of ``size`` (H, W)."""
+    if self.optimizer.parameterization == 'pixels':
+      return variables
+    return parameterization.decode(variables, height=size[0], width=size[1],
+                                   levels=self.optimizer.pyramid_levels)
 
   def features(self, net: Mapping, image: jax.Array, layers: Sequence[str]) -> dict:
     return vgg.features(net, image, layers=layers, network=self.network.name,

@@ -44,6 +44,8 @@ def test_settings_that_cannot_be_honoured_are_refused(tmp_path):
     ({'batch_over': 'size'}, 'cannot batch over'),
     ({'batch_over': 'seed'}, 'needs --config.batch_values'),
     ({'checkpoint_history': 'maybe'}, 'True, False or auto'),
+    ({'parameterization': 'wavelet'}, 'unknown parameterization'),
+    ({'pyramid_levels': 0}, 'pyramid_levels=0'),
     ({'output': '../x.png'}, 'inside --workdir'),
     ({'content_image': 'a.png,b.png'}, 'batch_over=content'),
     ({'style_images': 'a.png,b.png', 'style_blend_weights': '1'}, 'needs 2 non-negative'),

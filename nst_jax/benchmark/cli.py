@@ -51,6 +51,8 @@ def _define_flags(module_name: str) -> None:
                     'term on the embedded pairs, judged by nst_jax.metrics.', **key)
   flags.DEFINE_integer('style_px', 256, 'Image size of the style-loss comparison.', **key)
   flags.DEFINE_integer('style_steps', 200, 'Steps of each style-loss setting.', **key)
+  flags.DEFINE_list('style_settings', [], 'Only the style-loss settings whose label contains one '
+                    'of these (default: all).', **key)
   flags.DEFINE_string('style_dir', '', 'Where the style-loss comparison writes its images '
                       '(default: a temporary folder).', **key)
   flags.DEFINE_float('peak_tflops', 0.0, 'Chip peak float32 TFLOP/s for utilisation (GPU).',

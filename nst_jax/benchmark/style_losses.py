@@ -78,6 +78,8 @@ def _pair_table(content_name: str, style_name: str, directory: str) -> None:
   pixels = {'content': images.load(paths[0]), 'style': images.load(paths[1])}
   runs = {}
   for label, term, entry, overrides in SETTINGS:
+    if FLAGS.style_settings and not any(part in label for part in FLAGS.style_settings):
+      continue
     why = _available(term, overrides)
     if why:
       print(f'{label}: skipped ({why})', flush=True)
