@@ -10,7 +10,8 @@ Override any field, e.g. your own images and a stronger style:
       --config.style_images=painting.jpg --config.style_weight=1e4 --config.size=512
 
 It writes runs/default/result.png, grid.png (content | style | result), losses.jsonl (one JSON
-object per step), loss_curve.png and checkpoint.msgpack, and takes about two minutes on a 2-core CPU.
+object per step), loss_curve.png, metrics.json (style and content distances of the result, see
+nst_jax/metrics.py) and checkpoint.msgpack, and takes about two minutes on a 2-core CPU.
 """
 
 import ml_collections
