@@ -303,9 +303,15 @@ def test_a_second_ctrl_c_during_the_final_write_is_ignored(tmp_path, monkeypatch
     return ['result.png']
 
   monkeypatch.setattr(outputs, 'write', write)
-  helpers.run(helpers.tiny_config(tmp_path, steps=3), str(tmp_path / 'run'))
-  assert written == [True]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+  # Python's own Ctrl-C handler, which raises KeyboardInterrupt, even where the test runner was
+  # started with SIGINT ignored (a background job of a non-interactive shell).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    helpers.run(helpers.tiny_config(tmp_path, steps=3), str(tmp_path / 'run'))
+    assert written == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def _red_left_blue_right(tmp_path, term):
