@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nst_jax import feature_statistics
 from nst_jax import vgg
 from nst_jax import weights as weights_lib
 
@@ -52,10 +53,8 @@ def embedded_network() -> dict:
 
 
 def normalized_gram(features: jax.Array) -> jax.Array:
-  """``F Fᵀ / (C H W)`` of features (H, W, C): (C, C)."""
-  height, width, channels = features.shape
-  flat = features.reshape(-1, channels)
-  return flat.T @ flat / (channels * height * width)
+  """``F Fᵀ / (C H W)`` of features (H, W, C): (C, C): the loss terms' Gram per position, over C."""
+  return feature_statistics.gram_statistic(features) / features.shape[-1]
 
 
 def unit_projections(channels: int, *, count: int = SLICED_DIRECTIONS,
