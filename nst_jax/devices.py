@@ -89,8 +89,10 @@ def activation_bytes(height: int, width: int, *, layers: Sequence[str], network:
 
 
 def planned_bytes(height: int, width: int, *, layers: Sequence[str], network: str,
-                  compute_dtype: str, history_images: int, batch: int) -> int:
+                  compute_dtype: str, history_images: int, batch: int,
+                  history_dtype: str = 'float32') -> int:
   """The memory a batch of height x width problems needs: activations plus optimiser history."""
   activations = activation_bytes(height, width, layers=layers, network=network,
                                  dtype_bytes=2 if compute_dtype == 'bfloat16' else 4)
-  return (activations + history_images * height * width * 3 * 4) * batch
+  history = history_images * height * width * 3 * (2 if history_dtype == 'bfloat16' else 4)
+  return (activations + history) * batch

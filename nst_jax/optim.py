@@ -72,36 +72,43 @@ def _two_loop_direction(grad: jax.Array, s_memory: jax.Array, y_memory: jax.Arra
   # Newest pair first, then oldest first.
   newest_first = (head - 1 - jnp.arange(memory_size)) % memory_size
 
+  # A bfloat16 history is widened one pair at a time: dot products and updates stay float32.
+  s_at = lambda index: s_memory[index].astype(grad.dtype)
+  y_at = lambda index: y_memory[index].astype(grad.dtype)
+
   def backward(q, index):
-    alpha = jnp.where(valid[index], rho[index] * jnp.vdot(s_memory[index], q), 0.0)
-    return q - alpha * y_memory[index], alpha
+    alpha = jnp.where(valid[index], rho[index] * jnp.vdot(s_at(index), q), 0.0)
+    return q - alpha * y_at(index), alpha
 
   q, alphas = jax.lax.scan(backward, grad, newest_first)
   r = gamma * q
 
   def forward(r, index_alpha):
     index, alpha = index_alpha
-    beta = rho[index] * jnp.vdot(y_memory[index], r)
-    return r + jnp.where(valid[index], alpha - beta, 0.0) * s_memory[index], None
+    beta = rho[index] * jnp.vdot(y_at(index), r)
+    return r + jnp.where(valid[index], alpha - beta, 0.0) * s_at(index), None
 
   r, _ = jax.lax.scan(forward, r, (newest_first[::-1], alphas[::-1]))
   return r
 
 
-def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
-                              ) -> optax.GradientTransformation:
+def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0,
+                              history_dtype: str = 'float32') -> optax.GradientTransformation:
   """L-BFGS direction times a fixed step, as ``torch.optim.LBFGS(max_iter=1)``; one array param.
 
   Args:
     memory_size: number of (s, y) pairs kept.
     learning_rate: the step (torch's ``lr``); the first step is ``min(1, 1/|g|₁) * lr``.
+    history_dtype: how the (s, y) pairs are stored: 'float32', or 'bfloat16' (half the memory;
+      each pair is rounded once, and yᵀs, the acceptance rule and the recursion use the rounded
+      pair widened to float32, so the inverse-Hessian estimate stays consistent).
 
   Returns:
     A transformation whose ``update(grad, state, params)`` returns the step to add to params.
   """
 
   def init(params):
-    zeros = jnp.zeros((memory_size,) + params.shape, params.dtype)
+    zeros = jnp.zeros((memory_size,) + params.shape, history_dtype)
     return FixedStepLbfgsState(
         count=jnp.zeros((), jnp.int32), head=jnp.zeros((), jnp.int32),
         valid=jnp.zeros(memory_size, bool), s=zeros, y=zeros,
@@ -109,14 +116,16 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
         previous_params=params, previous_grad=jnp.zeros_like(params))
 
   def update(grad, state, params=None):
-    s_new = params - state.previous_params
-    y_new = grad - state.previous_grad
+    stored = lambda x: x.astype(history_dtype).astype(params.dtype)  # identity for float32
+    s_new = stored(params - state.previous_params)
+    y_new = stored(grad - state.previous_grad)
     ys = jnp.vdot(y_new, s_new)
     accept = (state.count > 0) & (ys > 1e-10)
     head = state.head
     # Write one row (the old one again if the pair is rejected): an in-place update, where
     # selecting between two whole buffers would copy the history every step.
-    put = lambda buffer, value: buffer.at[head].set(jnp.where(accept, value, buffer[head]))
+    put = lambda buffer, value: buffer.at[head].set(
+        jnp.where(accept, jnp.asarray(value, buffer.dtype), buffer[head]))
     s_memory, y_memory = put(state.s, s_new), put(state.y, y_new)
     rho = put(state.rho, 1.0 / jnp.where(accept, ys, 1.0))
     valid = put(state.valid, True)
@@ -142,7 +151,8 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
 
 def make(name: str, *, learning_rate: float = 1.0, memory_size: int = 100,
          max_linesearch_steps: int = 20, adam_b1: float = 0.9, adam_b2: float = 0.999,
-         adam_eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+         adam_eps: float = 1e-8, history_dtype: str = 'float32'
+         ) -> optax.GradientTransformationExtraArgs:
   """Builds an optimiser by name.
 
   Args:
@@ -153,6 +163,7 @@ def make(name: str, *, learning_rate: float = 1.0, memory_size: int = 100,
     adam_b1: Adam's first-moment decay.
     adam_b2: Adam's second-moment decay.
     adam_eps: Adam's denominator offset.
+    history_dtype: storage of lbfgs_fixed's (s, y) pairs, 'float32' or 'bfloat16'.
 
   Returns:
     An optax transformation whose ``update`` takes ``value``, ``grad`` and ``value_fn``.
@@ -162,7 +173,8 @@ def make(name: str, *, learning_rate: float = 1.0, memory_size: int = 100,
         max_linesearch_steps=max_linesearch_steps, initial_guess_strategy='one'))
   if name == 'lbfgs_fixed':
     return optax.with_extra_args_support(
-        scale_by_fixed_step_lbfgs(memory_size=memory_size, learning_rate=learning_rate))
+        scale_by_fixed_step_lbfgs(memory_size=memory_size, learning_rate=learning_rate,
+                                  history_dtype=history_dtype))
   if name == 'adam':
     return optax.with_extra_args_support(
         optax.adam(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps))

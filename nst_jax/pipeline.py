@@ -43,6 +43,7 @@ class Prepared:
   batch: inputs.Batch
   net: dict                          # vgg.prepare output
   program: problem.Program
+  memory_note: str = ''              # said when the L-BFGS history was shortened to fit
 
   def task(self, indices: Sequence[int], size: tuple[int, int]) -> loop.Task:
     """The optimisation of the problems at ``indices``, whose results are ``size``."""
@@ -75,9 +76,9 @@ class Result:
   paths: list[str]
 
 
-def configure_jax(outputs_plan: plan_lib.OutputPlan) -> None:
+def configure_jax(outputs_plan: plan_lib.OutputPlan, devices_plan: plan_lib.DevicesPlan) -> None:
   """Process-wide JAX settings: the multi-host start, the compilation cache."""
-  if outputs_plan.distributed:
+  if devices_plan.distributed:
     jax.distributed.initialize()  # reads the coordinator from the environment (see README)
   if outputs_plan.compilation_cache:
     cache = os.path.expanduser(outputs_plan.compilation_cache)
@@ -90,20 +91,38 @@ def configure_jax(outputs_plan: plan_lib.OutputPlan) -> None:
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def _check_memory(plan: plan_lib.Plan, batch: inputs.Batch) -> None:
-  """Refuses, in one line, a run whose planned memory exceeds 80% of the device's."""
+#: The shortest L-BFGS history chosen automatically when the configured one would not fit.
+MIN_AUTO_MEMORY_SIZE = 5
+
+
+def _fit_memory(plan: plan_lib.Plan, batch: inputs.Batch) -> tuple[plan_lib.Plan, str]:
+  """The plan with an L-BFGS history short enough for 80% of the device's memory, and a note.
+
+  Refuses, in one line, a run that does not fit even with a history of MIN_AUTO_MEMORY_SIZE.
+  """
   height, width = plan.images.output_size(batch.contents[0].shape[:2])
   lbfgs = 'lbfgs' in plan.optimizer.name
-  needed = devices.planned_bytes(
+  needed = lambda memory_size: devices.planned_bytes(
       height, width, layers=losses.feature_layers(plan.entries), network=plan.network.name,
-      compute_dtype=plan.network.compute_dtype,
-      history_images=2 * plan.optimizer.memory_size if lbfgs else 0, batch=len(batch))
+      compute_dtype=plan.network.compute_dtype, history_images=2 * memory_size if lbfgs else 0,
+      history_dtype=plan.optimizer.history_dtype, batch=len(batch))
   available, where = devices.device_memory()
-  if needed > 0.8 * available:
+  memory_size = plan.optimizer.memory_size
+  if needed(memory_size) <= 0.8 * available:
+    return plan, ''
+  fitting = [m for m in range(memory_size - 1, MIN_AUTO_MEMORY_SIZE - 1, -1)
+             if needed(m) <= 0.8 * available] if lbfgs else []
+  if not fitting:
     raise errors.UserError(
-        f'a {width}x{height} output needs about {needed / 2**30:.1f} GiB, more than {where} has '
-        f'({available / 2**30:.1f} GiB); lower --config.size or --config.memory_size (L-BFGS '
-        'keeps 2 x memory_size images), or use --config.optimizer=adam')
+        f'a {width}x{height} output needs about {needed(memory_size) / 2**30:.1f} GiB, more than '
+        f'{where} has ({available / 2**30:.1f} GiB); lower --config.size or '
+        '--config.memory_size (L-BFGS keeps 2 x memory_size images), set '
+        '--config.history_dtype=bfloat16, or use --config.optimizer=adam')
+  optimizer = dataclasses.replace(plan.optimizer, memory_size=fitting[0])
+  note = (f'--config.memory_size={memory_size} would need {needed(memory_size) / 2**30:.1f} GiB, '
+          f'more than {where} has ({available / 2**30:.1f} GiB): using memory_size={fitting[0]} '
+          f'({needed(fitting[0]) / 2**30:.1f} GiB)')
+  return dataclasses.replace(plan, optimizer=optimizer), note
 
 
 def prepare(plan: plan_lib.Plan, *, contents: Sequence[inputs.Source] = (),
@@ -111,11 +130,11 @@ def prepare(plan: plan_lib.Plan, *, contents: Sequence[inputs.Source] = (),
   """Reads every input, checks the memory, loads the network (raises UserError on bad input)."""
   batch = inputs.read_batch(plan.images, plan.batch, entry_weights=plan.entry_weights,
                             contents=contents, styles=styles)
-  _check_memory(plan, batch)
+  plan, memory_note = _fit_memory(plan, batch)
   vgg_weights = weights.load(plan.network.weights_path or None, network=plan.network.name)
   net = vgg.prepare(vgg_weights, dtype=jnp.dtype(plan.network.compute_dtype))
   program = problem.Program(entries=plan.entries, network=plan.network, optimizer=plan.optimizer)
-  return Prepared(plan=plan, batch=batch, net=net, program=program)
+  return Prepared(plan=plan, batch=batch, net=net, program=program, memory_note=memory_note)
 
 
 @contextlib.contextmanager
@@ -181,6 +200,8 @@ def _announce(prepared: Prepared, groups, progress: report.Progress) -> None:
       f'{jax.device_count()} {jax.devices()[0].platform} device(s); {steps} '
       f'{plan.optimizer.name} steps' + (f' per shape ({len(groups)} programs)' if len(groups) > 1
                                         else '') + '; the first chunk includes compilation')
+  if prepared.memory_note:
+    progress.message(prepared.memory_note)
 
 
 def _optimize_groups(prepared: Prepared, groups, *, workdir: str | None,
@@ -240,7 +261,7 @@ def run(plan: plan_lib.Plan, workdir: str | None, *, contents: Sequence[inputs.S
     errors.UserError: bad input, or a non-finite loss (after writing the last finite image).
     loop.Stopped: SIGINT/SIGTERM (after writing the last good image and a checkpoint).
   """
-  configure_jax(plan.outputs)
+  configure_jax(plan.outputs, plan.devices)
   if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.UserError(f'--workdir {workdir!r} exists and is not a directory; choose another')
   prepared = prepare(plan, contents=contents, styles=styles)  # before the workdir is created

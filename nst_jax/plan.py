@@ -42,7 +42,13 @@ DEFAULT_CONTENT = 'astronaut.jpg'
 DEFAULT_STYLE = 'starry_night.jpg'
 #: Fields that do not change the result, left out of a checkpoint's config fingerprint.
 _NOT_FINGERPRINTED = ('resume', 'progress', 'steps', 'save_every', 'checkpoint_every',
-                      'compilation_cache', 'checkpoint_history')
+                      'compilation_cache', 'checkpoint_history', 'coordinator_address',
+                      'num_processes', 'process_id')
+
+#: How several devices share a run (config.shard).
+SHARD_MODES = ('batch', 'space')
+#: Precisions of lbfgs_fixed's history (config.history_dtype).
+HISTORY_DTYPES = ('float32', 'bfloat16')
 
 
 #: The checkout's top folder, where configs/ lives.
@@ -126,12 +132,14 @@ class OptimizerPlan:
   chunk_size: int
   parameterization: str = 'pixels'   # what the optimiser moves: 'pixels' or 'laplacian'
   pyramid_levels: int = 4            # halvings of the Laplacian pyramid
+  history_dtype: str = 'float32'     # lbfgs_fixed's (s, y) history: 'float32' or 'bfloat16'
 
   def make(self):
     """The optax transformation."""
     return optim.make(self.name, learning_rate=self.learning_rate,
                       memory_size=self.memory_size, max_linesearch_steps=self.max_linesearch_steps,
-                      adam_b1=self.adam_b1, adam_b2=self.adam_b2, adam_eps=self.adam_eps)
+                      adam_b1=self.adam_b1, adam_b2=self.adam_b2, adam_eps=self.adam_eps,
+                      history_dtype=self.history_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +183,17 @@ class OutputPlan:
   resume: bool
   progress: str
   compilation_cache: str
-  distributed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicesPlan:
+  """How the run is spread over devices and processes."""
+
+  shard: str                         # 'batch' or 'space'
+  distributed: bool                  # several processes: jax.distributed.initialize() first
+  coordinator_address: str           # 'host:port' of process 0 ('' = from the environment)
+  num_processes: int                 # -1 = from the environment
+  process_id: int                    # -1 = from the environment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +208,7 @@ class Plan:
   schedule: SchedulePlan
   batch: BatchPlan
   outputs: OutputPlan
+  devices: DevicesPlan
   fingerprint: str                   # identifies the config in checkpoints
 
   @property
@@ -298,6 +317,11 @@ def _optimizer(config) -> OptimizerPlan:
     raise errors.UserError(f'--config.chunk_size={config.chunk_size} must be at least 1')
   _check_choice(config.parameterization, parameterization.PARAMETERIZATIONS,
                 field='parameterization')
+  _check_choice(config.history_dtype, HISTORY_DTYPES, field='history_dtype')
+  if config.history_dtype != 'float32' and config.optimizer != 'lbfgs_fixed':
+    raise errors.UserError(f'--config.history_dtype={config.history_dtype} needs '
+                           '--config.optimizer=lbfgs_fixed (the only optimiser whose history it '
+                           'stores)')
   if config.pyramid_levels < 1:
     raise errors.UserError(f'--config.pyramid_levels={config.pyramid_levels} must be at least 1')
   return OptimizerPlan(
@@ -306,7 +330,7 @@ def _optimizer(config) -> OptimizerPlan:
       adam_b1=float(config.adam_b1), adam_b2=float(config.adam_b2),
       adam_eps=float(config.adam_eps), lbfgs_restart=bool(config.lbfgs_restart),
       chunk_size=int(config.chunk_size), parameterization=config.parameterization,
-      pyramid_levels=int(config.pyramid_levels))
+      pyramid_levels=int(config.pyramid_levels), history_dtype=config.history_dtype)
 
 
 def _schedule(config) -> SchedulePlan:
@@ -350,8 +374,25 @@ def _outputs(config) -> OutputPlan:
   return OutputPlan(output=output, save_every=int(config.save_every),
                     checkpoint_every=int(config.checkpoint_every), checkpoint_history=history,
                     resume=bool(config.resume), progress=config.progress,
-                    compilation_cache=config.compilation_cache,
-                    distributed=bool(config.distributed))
+                    compilation_cache=config.compilation_cache)
+
+
+def _devices(config) -> DevicesPlan:
+  _check_choice(config.shard, SHARD_MODES, field='shard')
+  given = [name for name in ('coordinator_address', 'num_processes', 'process_id')
+           if config[name] not in ('', -1)]
+  if given and not config.distributed:
+    raise errors.UserError(f'--config.{given[0]} needs --config.distributed=True')
+  if config.distributed and given and len(given) < 3:
+    raise errors.UserError('--config.coordinator_address, --config.num_processes and '
+                           '--config.process_id go together (or none, to read them from the '
+                           'cluster environment)')
+  if config.distributed and given and not 0 <= config.process_id < config.num_processes:
+    raise errors.UserError(f'--config.process_id={config.process_id} must be in '
+                           f'0..{config.num_processes - 1} (--config.num_processes)')
+  return DevicesPlan(shard=config.shard, distributed=bool(config.distributed),
+                     coordinator_address=str(config.coordinator_address),
+                     num_processes=int(config.num_processes), process_id=int(config.process_id))
 
 
 def fingerprint(config) -> str:
@@ -373,4 +414,5 @@ def from_config(config) -> Plan:
   entries, entry_weights = _entries(config)
   return Plan(images=_images(config), network=network, entries=entries,
               entry_weights=entry_weights, optimizer=optimizer, schedule=_schedule(config),
-              batch=batch, outputs=_outputs(config), fingerprint=fingerprint(config))
+              batch=batch, outputs=_outputs(config), devices=_devices(config),
+              fingerprint=fingerprint(config))

@@ -419,6 +419,28 @@ def test_memory_guard_reads_the_accelerators_memory(tmp_path, monkeypatch):
     helpers.prepare(config)
 
 
+@pytest.mark.parametrize('history_dtype', ['float32', 'bfloat16'])
+def test_memory_guard_shortens_the_lbfgs_history_to_fit_and_says_so(tmp_path, monkeypatch,
+                                                                    history_dtype):
+  from nst_jax import devices, losses, plan
+
+  config = helpers.tiny_config(tmp_path, size=256, history_dtype=history_dtype)
+  the_plan = plan.from_config(config)
+  needed = lambda memory_size: devices.planned_bytes(
+      256, 256, layers=losses.feature_layers(the_plan.entries), network='vgg19',
+      compute_dtype='float32', history_images=2 * memory_size, history_dtype=history_dtype,
+      batch=1)
+  # Room for a history of 30 pairs (of 100 configured) within the guard's 80%.
+  monkeypatch.setattr(devices, 'device_memory', lambda: ((needed(30) + 1) / 0.8, 'this GPU'))
+  prepared = helpers.prepare(config)
+  assert prepared.plan.optimizer.memory_size == 30
+  assert prepared.memory_note.startswith('--config.memory_size=100 would need')
+  assert 'using memory_size=30' in prepared.memory_note
+  # A bfloat16 history costs half: the same memory holds more pairs than float32's 30.
+  halved = needed(30) - needed(0)
+  assert halved == 30 * 2 * 256 * 256 * 3 * (2 if history_dtype == 'bfloat16' else 4)
+
+
 def test_memory_guard_refuses_an_output_larger_than_the_host(tmp_path):
   with pytest.raises(errors.UserError, match='more than this machine has.*memory_size'):
     helpers.prepare(helpers.tiny_config(tmp_path, size=16000))
@@ -430,8 +452,8 @@ def test_compilation_cache_is_hit_by_a_second_run(tmp_path):
       'from tests import helpers; from nst_jax import pipeline, plan;'
       'import pathlib; tmp = pathlib.Path(sys.argv[1]);'
       'config = helpers.tiny_config(compilation_cache=str(tmp / "cache"));'
-      'pipeline.configure_jax(plan.from_config(config).outputs);'
-      'pipeline.configure_jax = lambda outputs_plan: None;'
+      'pipeline.configure_jax(plan.from_config(config).outputs, plan.from_config(config).devices);'
+      'pipeline.configure_jax = lambda outputs_plan, devices_plan: None;'
       # Cache every program, however quick it compiled (the default skips those under 1 s).
       'jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0);'
       'from jax._src import monitoring; hits = [];'

@@ -50,6 +50,13 @@ def test_settings_that_cannot_be_honoured_are_refused(tmp_path):
     ({'content_image': 'a.png,b.png'}, 'batch_over=content'),
     ({'style_images': 'a.png,b.png', 'style_blend_weights': '1'}, 'needs 2 non-negative'),
     ({'style_masks': 'm.png,n.png'}, '2 style masks for 1 style images'),
+    ({'history_dtype': 'float16'}, 'unknown history_dtype'),
+    ({'history_dtype': 'bfloat16', 'optimizer': 'adam'}, 'needs --config.optimizer=lbfgs_fixed'),
+    ({'shard': 'layers'}, 'unknown shard'),
+    ({'process_id': 1}, 'process_id needs --config.distributed=True'),
+    ({'distributed': True, 'num_processes': 2}, 'go together'),
+    ({'distributed': True, 'coordinator_address': '127.0.0.1:1', 'num_processes': 2,
+      'process_id': 2}, r'process_id=2 must be in 0\.\.1'),
 ])
 def test_bad_settings_are_one_line_errors(overrides, message):
   with pytest.raises(errors.UserError, match=message) as raised:
