@@ -1,13 +1,19 @@
 """Devices: placing a batch across them, fetching it back, and how much memory there is.
 
-A batch of N problems is one pytree with leading axis N; on several devices (or hosts) that axis
-is split across all of them, after padding N to a multiple of the device count.
+Two ways to share a run (``config.shard``):
+
+* ``batch``: a batch of N problems is one pytree with leading axis N; on several devices (or
+  hosts) that axis is split across all of them, after padding N to a multiple of the device count.
+* ``space``: every array ending in an image's (H, W, 3) axes (the image, its optimiser history) is
+  split along H across all devices, the rest replicated; XLA's SPMD partitioner adds the rows each
+  convolution needs from its neighbours. One large image then needs 1/devices of the memory each.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -15,6 +21,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nst_jax import vgg
+
+
+#: The mesh axes of the two ways to share a run (config.shard).
+BATCH_AXIS, SPACE_AXIS = 'batch', 'space'
 
 
 def shard_batch(tree: Any, n: int) -> Any:
@@ -31,6 +41,51 @@ def shard_batch(tree: Any, n: int) -> Any:
   return jax.tree.map(place, tree)
 
 
+def space_sharding(shape: Sequence[int], *, image_size: tuple[int, int]) -> NamedSharding:
+  """Rows split across all devices for an array ending in the image's (H, W, 3) axes, else whole.
+
+  Only where H divides evenly: ``jax.device_put`` refuses uneven shards, and XLA returns an
+  unevenly constrained output replicated anyway (measured, jax 0.10.2).
+  """
+  mesh = Mesh(np.asarray(jax.devices()), (SPACE_AXIS,))
+  height, width = image_size
+  if (len(shape) < 3 or tuple(shape[-3:]) != (height, width, 3)
+      or height % jax.device_count()):
+    return NamedSharding(mesh, PartitionSpec())
+  return NamedSharding(mesh, PartitionSpec(*[None] * (len(shape) - 3), SPACE_AXIS, None, None))
+
+
+def shard_space(tree: Any, *, image_size: tuple[int, int]) -> Any:
+  """Places a pytree as :func:`space_sharding` says: image-shaped leaves by rows, the rest whole."""
+  return jax.tree.map(lambda x: jax.device_put(
+      x, space_sharding(np.shape(x), image_size=image_size)), tree)
+
+
+def constrain_space(tree: Any, *, image_size: tuple[int, int]) -> Any:
+  """:func:`shard_space` inside a compiled function: its outputs keep the rows split.
+
+  Arrays made inside (a fresh optimiser history of zeros) would otherwise come out whole.
+  """
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, space_sharding(x.shape, image_size=image_size)), tree)
+
+
+def placement(shard: str, *, n_padded: int, image_size: tuple[int, int]) -> Callable[[Any], Any]:
+  """The function that places a state or targets of one scale on the devices, as ``shard`` says.
+
+  ``space``: image-shaped arrays split by rows, everything else (targets included) whole on every
+  device; ``batch``: the leading axis split (:func:`shard_batch`).
+  """
+  if shard == SPACE_AXIS:
+    return functools.partial(shard_space, image_size=tuple(image_size))
+  return lambda tree: shard_batch(tree, n_padded)
+
+
+def splits_rows(height: int) -> bool:
+  """Whether ``shard=space`` splits an image this high (its rows divide evenly over devices)."""
+  return height % jax.device_count() == 0
+
+
 def to_host(tree: Any) -> Any:
   """Fetches a (possibly sharded) pytree to NumPy; across hosts, gathers every host's shards."""
   if jax.process_count() > 1:
@@ -39,8 +94,13 @@ def to_host(tree: Any) -> Any:
   return jax.device_get(tree)
 
 
-def padded_batch_size(n: int) -> int:
-  """N rounded up to a multiple of the device count (padding repeats the last element)."""
+def padded_batch_size(n: int, *, shard: str = BATCH_AXIS) -> int:
+  """N rounded up to a multiple of the device count (padding repeats the last element).
+
+  With ``shard=space`` the batch axis is not split: N as it is.
+  """
+  if shard == SPACE_AXIS:
+    return n
   count = jax.device_count()
   return -(-n // count) * count
 

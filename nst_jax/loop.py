@@ -1,7 +1,8 @@
 """The optimisation loop: compiled chunks of steps, coarse-to-fine scales, checkpoints.
 
 :func:`optimize_chunk` is the pure compiled step function (``lax.scan`` of ``chunk_size`` steps,
-``jax.vmap`` over the N problems of a batch, sharded over devices when there are several);
+``jax.vmap`` over the N problems of a batch; on several devices the batch, or with
+``shard='space'`` every image's rows, split across them);
 :func:`optimize` drives it scale by scale, logging losses, checkpointing, and stopping cleanly
 when asked (SIGINT/SIGTERM, via ``stop_signal``) or when the loss becomes non-finite.
 """
@@ -29,11 +30,11 @@ from nst_jax import problem
 from nst_jax import report
 
 
-@functools.partial(jax.jit, static_argnames=('program', 'image_size'),
+@functools.partial(jax.jit, static_argnames=('program', 'image_size', 'shard'),
                    donate_argnames=('state',))
 def optimize_chunk(state: dict, steps_to_take: jax.Array, net: Mapping, targets: Mapping, *,
-                   program: problem.Program, image_size: tuple[int, int] | None = None
-                   ) -> tuple[dict, jax.Array]:
+                   program: problem.Program, image_size: tuple[int, int] | None = None,
+                   shard: str = devices.BATCH_AXIS) -> tuple[dict, jax.Array]:
   """``chunk_size`` optimisation steps of every problem in the batch, in one program.
 
   Args:
@@ -45,6 +46,8 @@ def optimize_chunk(state: dict, steps_to_take: jax.Array, net: Mapping, targets:
     program: the static description.
     image_size: (H, W) of the images, needed when the state holds a Laplacian pyramid
       (``program.optimizer.parameterization``); None for pixels.
+    shard: ``'space'`` keeps the new state's image-shaped arrays split by rows across devices
+      (:func:`nst_jax.devices.constrain_space`); place ``state`` so with ``shard_space``.
 
   Returns:
     The new state and the losses (N, chunk_size); NaN marks steps not taken.
@@ -60,21 +63,28 @@ def optimize_chunk(state: dict, steps_to_take: jax.Array, net: Mapping, targets:
                            length=program.optimizer.chunk_size, active=steps_to_take,
                            stochastic=program.stochastic)
 
-  return jax.vmap(chunk_of_one_problem)(state, targets)
+  new_state, losses = jax.vmap(chunk_of_one_problem)(state, targets)
+  if shard == devices.SPACE_AXIS:
+    new_state = devices.constrain_space(new_state, image_size=state['image'].shape[1:3])
+  return new_state, losses
 
 
-@functools.partial(jax.jit, static_argnames=('program',))
+@functools.partial(jax.jit, static_argnames=('program', 'shard'))
 def initial_state(images_: jax.Array, net: Mapping, targets: Mapping, *,
-                  program: problem.Program) -> dict:
+                  program: problem.Program, shard: str = devices.BATCH_AXIS) -> dict:
   """Batched :func:`nst_jax.optim.init_state` of images (N, H, W, 3), encoded as the program's
-  parameterisation says (a line-search optimiser's first loss included)."""
+  parameterisation says (a line-search optimiser's first loss included); ``shard='space'``
+  splits the new history by rows as the images are (see :func:`optimize_chunk`)."""
   optimizer = program.optimizer.make()
   size = images_.shape[1:3]
-  return jax.vmap(lambda image, problem_targets: optim.init_state(
+  state = jax.vmap(lambda image, problem_targets: optim.init_state(
       optimizer, program.encode(image), loss_fn=lambda x, step=0: problem.objective(
           program.decode(x, size), net=net, targets=problem_targets, program=program,
           step=step)[0],
       stochastic=program.stochastic))(images_, targets)
+  if shard == devices.SPACE_AXIS:
+    state = devices.constrain_space(state, image_size=size)
+  return state
 
 
 @functools.partial(jax.jit, static_argnames=('program', 'image_size'))
@@ -101,6 +111,7 @@ class Task:
   program: problem.Program
   sizes: list[tuple[int, int]]       # (height, width) per scale, coarse to fine
   schedule: plan_lib.SchedulePlan
+  shard: str = devices.BATCH_AXIS    # how devices share it: 'batch' or 'space' (plan.devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +242,9 @@ class _Checkpointer:
 def _start_state(task: Task, scale: int, targets, *, resumed: dict | None,
                  previous: np.ndarray | None, n_padded: int, progress) -> dict:
   """The state a scale starts from: the checkpoint's, or fresh from the start/upsampled images."""
-  shard = lambda tree: devices.shard_batch(tree, n_padded)
+  shard = devices.placement(task.shard, n_padded=n_padded, image_size=tuple(task.sizes[scale]))
   fresh = lambda start: initial_state(shard(jnp.asarray(start)), task.net, targets,
-                                      program=task.program)
+                                      program=task.program, shard=task.shard)
   if resumed is not None and 'opt_state' not in resumed:
     # Saved without the history: the optimiser starts afresh from the saved image.
     if progress:
@@ -291,10 +302,11 @@ def _run_scale(task: Task, scale: int, state: dict, targets, *, log: report.Loss
     take = min(chunk_size, steps - step)
     if program.optimizer.lbfgs_restart and step > 0:
       state = dict(state, opt_state=initial_state(current(state), task.net, targets,
-                                                  program=program)['opt_state'])
+                                                  program=program, shard=task.shard)['opt_state'])
     state, chunk_losses = optimize_chunk(
         state, jnp.int32(take), task.net, targets, program=program,
-        image_size=None if program.optimizer.parameterization == 'pixels' else size)
+        image_size=None if program.optimizer.parameterization == 'pixels' else size,
+        shard=task.shard)
     finite = np.asarray(devices.to_host(state['finite']))[:n]
     images_now = current(state)
     last_good = np.asarray(devices.to_host(images_now))[:n]
@@ -347,7 +359,7 @@ def optimize(task: Task, saving: Saving, *, progress: report.Progress | None = N
     NonFinite: when the loss became non-finite (the last finite images are kept).
   """
   n = len(task.batch)
-  n_padded = devices.padded_batch_size(n)
+  n_padded = devices.padded_batch_size(n, shard=task.shard)
   resumed, start_scale, records = _resume(task, saving, n_padded, progress)
   log = report.LossLog(saving.log_path, records)
   checkpoint = _Checkpointer(saving, progress)
@@ -356,8 +368,12 @@ def optimize(task: Task, saving: Saving, *, progress: report.Progress | None = N
   final_sizes = _final_term_sizes(task)
   previous = None
   for scale in range(start_scale, len(task.sizes)):
-    targets = devices.shard_batch(devices.pad_batch(_targets_at(task, scale, final_sizes),
-                                                    n_padded), n_padded)
+    height = task.sizes[scale][0]
+    if task.shard == devices.SPACE_AXIS and not devices.splits_rows(height) and progress:
+      progress.message(f'shard=space: scale {scale + 1} is {height} px high, not a multiple of '
+                       f'the {jax.device_count()} devices, so each device holds all its rows')
+    targets = devices.placement(task.shard, n_padded=n_padded, image_size=task.sizes[scale])(
+        devices.pad_batch(_targets_at(task, scale, final_sizes), n_padded))
     state = _start_state(task, scale, targets, resumed=resumed, previous=previous,
                          n_padded=n_padded, progress=progress)
     resumed = None

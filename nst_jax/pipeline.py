@@ -49,7 +49,7 @@ class Prepared:
     """The optimisation of the problems at ``indices``, whose results are ``size``."""
     return loop.Task(batch=self.batch.select(indices), images_plan=self.plan.images, net=self.net,
                      program=self.program, sizes=self.plan.schedule.sizes(size),
-                     schedule=self.plan.schedule)
+                     schedule=self.plan.schedule, shard=self.plan.devices.shard)
 
   def whole_task(self) -> loop.Task:
     """The optimisation of the whole batch (its contents must share one shape)."""

@@ -379,6 +379,11 @@ def _outputs(config) -> OutputPlan:
 
 def _devices(config) -> DevicesPlan:
   _check_choice(config.shard, SHARD_MODES, field='shard')
+  if config.shard == 'space' and config.parameterization != 'pixels':
+    raise errors.UserError(f'--config.shard=space splits the image\'s rows across devices, but '
+                           f'parameterization={config.parameterization} optimises one flat vector '
+                           'of pyramid levels that has no rows; use parameterization=pixels, or '
+                           'shard=batch')
   given = [name for name in ('coordinator_address', 'num_processes', 'process_id')
            if config[name] not in ('', -1)]
   if given and not config.distributed:

@@ -47,3 +47,21 @@ def test_device_memory_reads_an_accelerators_limit(monkeypatch):
   assert where == 'this machine' and host > 2**28
   monkeypatch.setattr(jax, 'devices', lambda *a: [FakeGpu()])
   assert devices.device_memory() == (123 * 2**20, 'this Fake GPU')
+
+
+def test_space_sharding_splits_only_arrays_ending_in_the_images_axes():
+  # One device here: the rule's spec still names the axis (tests/test_space_sharding.py checks
+  # that 4 devices each hold a quarter of the rows).
+  spec = lambda shape: tuple(devices.space_sharding(shape, image_size=(8, 6)).spec)
+  assert spec((2, 8, 6, 3)) == (None, 'space', None, None)  # images
+  assert spec((2, 10, 8, 6, 3)) == (None, None, 'space', None, None)  # an L-BFGS history
+  assert spec((2, 8, 6, 64)) == ()  # a feature map: whole
+  assert spec((2, 10)) == () and spec(()) == ()
+  assert devices.padded_batch_size(3, shard='space') == 3  # the batch axis is not split
+  tree = {'image': np.random.default_rng(0).normal(size=(2, 8, 6, 3)).astype(np.float32),
+          'gram': np.eye(4, dtype=np.float32)}
+  placed = devices.placement('space', n_padded=2, image_size=(8, 6))(tree)
+  assert tuple(placed['image'].sharding.spec) == (None, 'space', None, None)
+  back = devices.to_host(placed)
+  np.testing.assert_array_equal(back['image'], tree['image'])
+  np.testing.assert_array_equal(back['gram'], tree['gram'])
