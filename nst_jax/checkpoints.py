@@ -40,9 +40,14 @@ def save(path: str, *, state: Mapping, scale: int, fingerprint: str, records: li
   """Writes the resumable state, atomically.
 
   Without the history the file is about the image's size; a resume then restarts the history.
+  In a distributed run every process must call this (the state is gathered from all of them);
+  only process 0 writes, and the others resume from its file (a shared workdir).
   """
   saved = state if with_history else {k: v for k, v in state.items() if k != 'opt_state'}
-  payload = {'state': serialization.to_state_dict(devices.to_host(saved)), 'scale': scale,
+  gathered = devices.to_host(saved)
+  if jax.process_index() != 0:
+    return
+  payload = {'state': serialization.to_state_dict(gathered), 'scale': scale,
              'fingerprint': fingerprint, 'records': json.dumps(records),
              'history': with_history}
   files.write_bytes(path, serialization.msgpack_serialize(payload))

@@ -32,13 +32,25 @@ def _format_seconds(seconds: float) -> str:
   return f'{hours}:{minutes:02d}:{seconds % 60:02d}' if hours else f'{minutes}:{seconds % 60:02d}'
 
 
+class Nowhere(io.TextIOBase):
+  """A text stream that drops everything written to it (not a terminal)."""
+
+  def writable(self) -> bool:
+    return True
+
+  def write(self, text: str) -> int:
+    return len(text)
+
+
 class Progress:
   """Reports optimisation progress once per chunk.
 
   Args:
     total: total steps of the run (all scales).
     mode: one of :data:`PROGRESS_MODES`; ``auto`` draws a bar when ``stream`` is a terminal.
-    stream: where to write (stderr by default).
+    stream: where to write (stderr by default); :class:`Nowhere` for a process that must
+      compute what it would show (the loss terms: a collective in a distributed run) but not
+      show it.
   """
 
   def __init__(self, *, total: int, mode: str = 'auto', stream: TextIO | None = None):
