@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Activation dtype: 'float32', or 'bfloat16' to halve activation memory (accumulation stays
   # float32; no speed gain on CPU, faster on GPU/TPU).
   config.compute_dtype = 'float32'
+  # Exact tiled evaluation: the loss and its gradient over tiles of tile_size px (a multiple of
+  # 16 for relu5_1), memory of one tile plus its halo; 0 = off. Additive terms only (README).
+  config.tile_size = 0
 
   # --- Loss ---------------------------------------------------------------------------------
   # Weights of the three standard entries below; shortcuts linked to losses.<entry>.weight.

@@ -4,6 +4,12 @@ Each statistic takes one layer's activations (H, W, C) and optionally a spatial 
 weights positions, so a masked statistic is that of the region. :mod:`nst_jax.losses` stores them
 of the reference image as targets (a term's ``statistic``) and recomputes them of the generated
 image. Nothing here knows about terms or the total loss.
+
+Every statistic here is a function of sums over positions (weighted counts, ``Σ w F``,
+``Σ w F Fᵀ``), so it can also be accumulated over tiles of an image: :func:`gram_sums` and
+:func:`moment_sums` give those sums over some positions, and :func:`gram_from_sums`,
+:func:`mean_covariance_from_sums` and :func:`mean_std_from_sums` the statistic of all positions
+from their totals (:mod:`nst_jax.tiling`).
 """
 
 from __future__ import annotations
@@ -84,4 +90,55 @@ def mean_std_statistic(features: jax.Array, *, mask: jax.Array | None = None,
   flat, weights = positions_and_weights(features, mask)
   mean = weights @ flat
   variance = weights @ (flat - mean) ** 2
+  return {'mean': mean, 'std': jnp.sqrt(variance + 1e-5)}
+
+
+# --------------------------------------------------------------------------------------------
+# The same statistics as sums over positions (for tiles).
+
+
+def position_weights(valid: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Each position's weight (h, w): 1 inside the image (``valid``), times the mask if any."""
+  return valid if mask is None else valid * mask
+
+
+def gram_sums(features: jax.Array, *, weights: jax.Array) -> dict[str, jax.Array]:
+  """``Σ (wF)(wF)ᵀ`` and ``Σ w²`` over the positions of ``features`` (h, w, C), weights (h, w)."""
+  return {'gram': gram(features * weights[..., None]), 'count': jnp.sum(weights ** 2)}
+
+
+def gram_from_sums(sums: dict[str, jax.Array]) -> jax.Array:
+  """:func:`gram_statistic` from :func:`gram_sums` over all positions (the count is H·W unmasked,
+  so clamping it as the masked statistic does changes nothing)."""
+  return sums['gram'] / jnp.maximum(sums['count'], 1e-8)
+
+
+def moment_sums(features: jax.Array, *, weights: jax.Array, outer: bool) -> dict[str, jax.Array]:
+  """``Σ w``, ``Σ w F`` and ``Σ w F Fᵀ`` (or its diagonal, ``outer=False``) over the positions.
+
+  Raw moments lose to float32 cancellation only where a channel's mean is large against its
+  spread, which ReLU features' is not. (Moments about the style's mean, tried first, lost far
+  more: a channel the generated image leaves dark while the style's is bright cancelled to a
+  negative variance.)
+  """
+  flat = features.reshape(-1, features.shape[-1])
+  flat_weights = weights.reshape(-1).astype(flat.dtype)
+  weighted = flat * flat_weights[:, None]
+  second = weighted.T @ flat if outer else jnp.sum(weighted * flat, axis=0)
+  return {'weight': jnp.sum(flat_weights), 'first': jnp.sum(weighted, axis=0), 'second': second}
+
+
+def mean_covariance_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Mean and covariance of :func:`mean_covariance_statistic` from :func:`moment_sums`."""
+  total = jnp.maximum(sums['weight'], 1e-8)
+  mean = sums['first'] / total
+  return {'mean': mean, 'covariance': sums['second'] / total - jnp.outer(mean, mean)}
+
+
+def mean_std_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """:func:`mean_std_statistic` from :func:`moment_sums` (``outer=False``)."""
+  total = jnp.maximum(sums['weight'], 1e-8)
+  mean = sums['first'] / total
+  # Rounding can leave a constant channel's variance a hair below zero.
+  variance = jnp.maximum(sums['second'] / total - mean ** 2, 0.0)
   return {'mean': mean, 'std': jnp.sqrt(variance + 1e-5)}

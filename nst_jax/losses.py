@@ -19,8 +19,9 @@ A loss term is a pure, keyword-only function of one layer::
 
 The config names terms (``config.losses.<entry>.term``): a registered name (:data:`TERMS`) or
 ``"package.module:function"`` for a term defined outside nst_jax. This module defines Gatys et
-al.'s terms and the Gaussian distribution terms; it imports :mod:`nst_jax.texture_losses` and
-:mod:`nst_jax.strotss` so that their terms are registered too (the registry itself is
+al.'s content and Gram terms; it imports :mod:`nst_jax.gaussian_losses`,
+:mod:`nst_jax.total_variation`, :mod:`nst_jax.texture_losses` and :mod:`nst_jax.strotss` so that
+their terms are registered too (the registry itself is
 :mod:`nst_jax.terms`). The total is
 ``sum_entries weight * sum_styles blend * sum_layers layer_weight * term(...)``; an entry with
 ``normalize_gradients`` divides each layer's gradient by its L1 norm in the backward pass.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,9 +39,11 @@ import jax.numpy as jnp
 
 from nst_jax import errors
 from nst_jax import feature_statistics
+from nst_jax import gaussian_losses
 from nst_jax import strotss  # noqa: F401  (registers relaxed_emd, self_similarity)
 from nst_jax import terms
 from nst_jax import texture_losses  # noqa: F401  (registers sliced_wasserstein, histogram, mrf)
+from nst_jax import total_variation as total_variation_lib
 
 # The registry lives in nst_jax.terms (shared with the other term modules); these names are the
 # documented API (``@losses.term``, ``losses.TERMS``).
@@ -48,6 +52,12 @@ TERMS = terms.TERMS
 term = terms.term
 register = terms.register
 lookup = terms.lookup
+# The Gaussian and total-variation terms live in their own modules; their names stay here.
+wasserstein = gaussian_losses.wasserstein
+mean_std = gaussian_losses.mean_std
+total_variation = total_variation_lib.total_variation
+total_variation_l2 = total_variation_lib.total_variation_l2
+total_variation_l1 = total_variation_lib.total_variation_l1
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +68,26 @@ lookup = terms.lookup
 CONTENT_REDUCTIONS = {'half_sum': lambda x: 0.5 * jnp.sum(x), 'sum': jnp.sum, 'mean': jnp.mean}
 
 
-@register('content', reference='content')
+def _content_sums(*, features: jax.Array, valid: jax.Array, target: jax.Array, **unused
+                  ) -> dict[str, jax.Array]:
+  return {'squares': jnp.sum(valid[..., None] * (features - target) ** 2)}
+
+
+def _content_finish(*, sums: Mapping[str, jax.Array], shape: tuple[int, ...],
+                    reduction: str = 'half_sum', **unused) -> jax.Array:
+  scales = {'half_sum': 0.5, 'sum': 1.0, 'mean': 1.0 / math.prod(shape)}
+  if reduction not in scales:
+    raise errors.UserError(f'unknown content reduction {reduction!r}; choose one of '
+                           f'{", ".join(CONTENT_REDUCTIONS)}')
+  return scales[reduction] * sums['squares']
+
+
+def _content_mse_finish(**kwargs) -> jax.Array:
+  return _content_finish(**{**kwargs, 'reduction': 'mean'})
+
+
+@register('content', reference='content', additive=terms.Additive(
+    sums=_content_sums, finish=_content_finish, positional_target=True))
 def content(*, features: jax.Array, target: jax.Array, reduction: str = 'half_sum',
             **unused) -> jax.Array:
   """Gatys et al.: ``1/2 Σ (F − P)²``; ``reduction`` ``sum`` (Keras tutorial) or ``mean`` (MSE)."""
@@ -68,7 +97,8 @@ def content(*, features: jax.Array, target: jax.Array, reduction: str = 'half_su
   return CONTENT_REDUCTIONS[reduction]((features - target) ** 2)
 
 
-@register('content_mse', reference='content')
+@register('content_mse', reference='content', additive=terms.Additive(
+    sums=_content_sums, finish=_content_mse_finish, positional_target=True))
 def content_mse(*, features: jax.Array, target: jax.Array, **unused) -> jax.Array:
   """Mean squared error ``mean((F − P)²)`` (pastiche, jcjohnson/neural-style)."""
   return content(features=features, target=target, reduction='mean')
@@ -97,7 +127,28 @@ def _gram_scale(normalization: str, *, channels: int, positions: int, image_pixe
                          f'{", ".join(GRAM_NORMALIZATIONS)}')
 
 
-@register('gram', reference='style', statistic=feature_statistics.gram_statistic)
+def _gram_distance(statistic: jax.Array, target: jax.Array, *, shape: Sequence[int],
+                   image_shape: Sequence[int], normalization: str) -> jax.Array:
+  height, width, channels = shape
+  scale = _gram_scale(normalization, channels=channels, positions=height * width,
+                      image_pixels=image_shape[0] * image_shape[1])
+  return scale * jnp.sum((statistic - target) ** 2)
+
+
+def _gram_sums(*, features: jax.Array, valid: jax.Array, mask: jax.Array | None = None,
+               **unused) -> dict[str, jax.Array]:
+  return feature_statistics.gram_sums(
+      features, weights=feature_statistics.position_weights(valid, mask))
+
+
+def _gram_finish(*, sums: Mapping[str, jax.Array], target: jax.Array, shape: Sequence[int],
+                 image_shape: Sequence[int], normalization: str = 'gatys', **unused) -> jax.Array:
+  return _gram_distance(feature_statistics.gram_from_sums(sums), target, shape=shape,
+                        image_shape=image_shape, normalization=normalization)
+
+
+@register('gram', reference='style', statistic=feature_statistics.gram_statistic,
+          additive=terms.Additive(sums=_gram_sums, finish=_gram_finish))
 def gram_loss(*, features: jax.Array, target: jax.Array, image: jax.Array,
               mask: jax.Array | None = None, normalization: str = 'gatys', **unused) -> jax.Array:
   """Gram-matrix style loss of one layer with a named normalisation (:data:`GRAM_NORMALIZATIONS`).
@@ -106,79 +157,9 @@ def gram_loss(*, features: jax.Array, target: jax.Array, image: jax.Array,
   ``E_l = Σ (G − A)² / (4 N² M²)``; comparing Grams per position keeps it right when the style
   image has another size.
   """
-  height, width, channels = features.shape
-  scale = _gram_scale(normalization, channels=channels, positions=height * width,
-                      image_pixels=image.shape[0] * image.shape[1])
-  return scale * jnp.sum((feature_statistics.gram_statistic(features, mask=mask) - target) ** 2)
-
-
-@register('wasserstein', reference='style', statistic=feature_statistics.mean_covariance_statistic)
-def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
-                mask: jax.Array | None = None, normalization: str = 'gram', **unused
-                ) -> jax.Array:
-  """Squared 2-Wasserstein distance between Gaussians fitted to the features (crowsonkb).
-
-  ``|μ − μ_s|² + tr Σ + tr Σ_s − 2 tr (Σ_s^½ Σ Σ_s^½)^½``, divided by the channel count, times
-  :func:`nst_jax.terms.distribution_scale`. With a mask, μ and Σ are the masked region's.
-  """
-  stats = feature_statistics.mean_covariance_statistic(features, mask=mask)
-  cross = target['sqrt_covariance'] @ stats['covariance'] @ target['sqrt_covariance']
-  # Clamped above zero: ReLU features have near-singular covariances, and the gradient of a square
-  # root at zero is infinite (NaN after the chain rule).
-  cross_trace = jnp.sum(jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(cross), 1e-5)))
-  distance = (jnp.sum((stats['mean'] - target['mean']) ** 2) + jnp.trace(stats['covariance'])
-              + jnp.trace(target['covariance']) - 2.0 * cross_trace)
-  channels = features.shape[-1]
-  second_moment = (jnp.sum(target['mean'] ** 2) + jnp.trace(target['covariance'])) / channels
-  scale = terms.distribution_scale(normalization, second_moment=second_moment)
-  return distance / channels * scale
-
-
-@register('mean_std', reference='style', statistic=feature_statistics.mean_std_statistic)
-def mean_std(*, features: jax.Array, target: Mapping[str, jax.Array],
-             mask: jax.Array | None = None, normalization: str = 'gram', **unused) -> jax.Array:
-  """Channel mean and standard deviation matching (the AdaIN statistic): mean squared errors.
-
-  Times :func:`nst_jax.terms.distribution_scale`; with a mask, the masked region's mean and
-  deviation.
-  """
-  stats = feature_statistics.mean_std_statistic(features, mask=mask)
-  distance = (jnp.mean((stats['mean'] - target['mean']) ** 2)
-              + jnp.mean((stats['std'] - target['std']) ** 2))
-  second_moment = jnp.mean(target['mean'] ** 2 + target['std'] ** 2)
-  return distance * terms.distribution_scale(normalization, second_moment=second_moment)
-
-
-# --------------------------------------------------------------------------------------------
-# Total variation (no reference, no layers: a function of the image).
-
-
-def _differences(image: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return image[1:, :-1] - image[:-1, :-1], image[:-1, 1:] - image[:-1, :-1]
-
-
-@register('tv', reference=None)
-def total_variation(*, image: jax.Array, power: float = 1.25, **unused) -> jax.Array:
-  """The seed's form: ``Σ ((x[i,j]−x[i+1,j])² + (x[i,j]−x[i,j+1])²)^power`` (power 1.25)."""
-  down, right = _differences(image)
-  return jnp.sum((down ** 2 + right ** 2 + 1e-12) ** power)
-
-
-@register('tv_l2', reference=None)
-def total_variation_l2(*, image: jax.Array, **unused) -> jax.Array:
-  """Squared differences of neighbours, summed: ``Σ (dx² + dy²)``."""
-  down, right = _differences(image)
-  return jnp.sum(down ** 2 + right ** 2)
-
-
-@register('tv_l1', reference=None)
-def total_variation_l1(*, image: jax.Array, **unused) -> jax.Array:
-  """pastiche's TV: ``½ (mean |x[i+1,j]−x[i,j]| + mean |x[i,j+1]−x[i,j]|)``.
-
-  With the ½ a ``tv_weight`` means what pastiche's ``--tv-weight`` means.
-  """
-  return 0.5 * (jnp.mean(jnp.abs(image[1:] - image[:-1]))
-                + jnp.mean(jnp.abs(image[:, 1:] - image[:, :-1])))
+  return _gram_distance(feature_statistics.gram_statistic(features, mask=mask), target,
+                        shape=features.shape, image_shape=image.shape,
+                        normalization=normalization)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from nst_jax import losses
 from nst_jax import optim
 from nst_jax import parameterization
 from nst_jax import report
+from nst_jax import tiling
 from nst_jax import vgg
 from nst_jax import weights
 
@@ -43,7 +44,8 @@ DEFAULT_STYLE = 'starry_night.jpg'
 #: Fields that do not change the result, left out of a checkpoint's config fingerprint.
 _NOT_FINGERPRINTED = ('resume', 'progress', 'steps', 'save_every', 'checkpoint_every',
                       'compilation_cache', 'checkpoint_history', 'coordinator_address',
-                      'num_processes', 'process_id')
+                      'num_processes', 'process_id',
+                      'tile_size')  # tiles give the same result: a run may resume with them
 
 #: How several devices share a run (config.shard).
 SHARD_MODES = ('batch', 'space')
@@ -115,6 +117,7 @@ class NetworkPlan:
   pooling: str
   remat: bool
   compute_dtype: str                 # 'float32' or 'bfloat16'
+  tile_size: int = 0                 # exact tiled evaluation over tiles of this side (0: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +307,7 @@ def _network(config) -> NetworkPlan:
   _check_choice(config.compute_dtype, ('float32', 'bfloat16'), field='compute_dtype')
   return NetworkPlan(name=config.network, weights_path=config.weights or '',
                      pooling=config.pooling, remat=bool(config.remat),
-                     compute_dtype=config.compute_dtype)
+                     compute_dtype=config.compute_dtype, tile_size=int(config.tile_size))
 
 
 def _optimizer(config) -> OptimizerPlan:
@@ -417,6 +420,7 @@ def from_config(config) -> Plan:
   optimizer = _optimizer(config)
   batch = _batch(config)
   entries, entry_weights = _entries(config)
+  tiling.check(entries, tile_size=network.tile_size, network=network.name)
   return Plan(images=_images(config), network=network, entries=entries,
               entry_weights=entry_weights, optimizer=optimizer, schedule=_schedule(config),
               batch=batch, outputs=_outputs(config), devices=_devices(config),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +23,7 @@ from nst_jax import inputs
 from nst_jax import losses
 from nst_jax import parameterization
 from nst_jax import plan as plan_lib
+from nst_jax import tiling
 from nst_jax import vgg
 
 
@@ -56,10 +57,12 @@ class Program:
     return parameterization.decode(variables, height=size[0], width=size[1],
                                    levels=self.optimizer.pyramid_levels)
 
-  def features(self, net: Mapping, image: jax.Array, layers: Sequence[str]) -> dict:
+  def features(self, net: Mapping, image: jax.Array, layers: Sequence[str],
+               boundary: Callable[[jax.Array, int], jax.Array] | None = None) -> dict:
+    """:func:`nst_jax.vgg.features` with the program's network (``boundary``: for a tile)."""
     return vgg.features(net, image, layers=layers, network=self.network.name,
                         pooling=self.network.pooling, remat=self.network.remat,
-                        compute_dtype=jnp.dtype(self.network.compute_dtype))
+                        compute_dtype=jnp.dtype(self.network.compute_dtype), boundary=boundary)
 
 
 def objective(image: jax.Array, *, net: Mapping, targets: Mapping, program: Program,
@@ -68,8 +71,11 @@ def objective(image: jax.Array, *, net: Mapping, targets: Mapping, program: Prog
 
   ``step`` selects the random draws of terms that take a ``key``: the problem's key (from its
   seed, ``targets['key']``) folded with the step. Logs and balances measure at step 0, so one
-  image always gets one value.
+  image always gets one value. With ``program.network.tile_size`` the loss and its gradient are
+  computed over tiles (:mod:`nst_jax.tiling`), exactly, with the memory of one tile.
   """
+  if program.network.tile_size:
+    return tiling.objective(image, net=net, targets=targets, program=program)
   features = program.features(net, image, program.layers)
   return losses.total(
       image=image, features=features, entries=program.entries, weights=targets['weights'],

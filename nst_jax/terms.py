@@ -1,9 +1,10 @@
 """What every loss-term module shares: the registry of terms by name, and the Gram scale.
 
 The built-in terms live in several modules, one per family: :mod:`nst_jax.losses` (Gatys et al.'s
-content, Gram and total-variation terms, the Gaussian distribution terms, and the weighted total),
-:mod:`nst_jax.texture_losses` (sliced Wasserstein, histogram, MRF) and :mod:`nst_jax.strotss`
-(relaxed EMD, self-similarity). Each imports this module and registers into :data:`TERMS`; none
+content and Gram terms, and the weighted total), :mod:`nst_jax.gaussian_losses` (Wasserstein,
+mean/std), :mod:`nst_jax.total_variation` (tv, tv_l2, tv_l1), :mod:`nst_jax.texture_losses`
+(sliced Wasserstein, histogram, MRF) and :mod:`nst_jax.strotss` (relaxed EMD, self-similarity).
+Each imports this module and registers into :data:`TERMS`; none but :mod:`nst_jax.losses`
 imports another term module, so there is no import cycle. :mod:`nst_jax.losses` imports the
 others, so importing it (as everything that names a term does) registers every built-in term, and
 it re-exports :func:`term`, :func:`register`, :func:`lookup` and :data:`TERMS`: a researcher
@@ -12,10 +13,27 @@ writes ``@losses.term(...)``.
 :func:`distribution_scale` is here because every distribution-matching term, whichever module
 defines it, puts its distance on the Gram term's scale the same way, so that one
 ``style_weight`` stylises with any of them.
+
+A term may also declare itself **additive over positions** (``additive=Additive(...)``): its loss
+is a function of sums over the layer's positions (a Gram matrix is ``Σ F Fᵀ`` over positions, a
+mean ``Σ F`` over a count). Such a term can be evaluated tile by tile with the memory of one tile
+(``--config.tile_size``, :mod:`nst_jax.tiling`): ``sums`` gives the sums over some positions,
+which add up over any partition of the positions, and ``finish`` turns the sums over all positions
+into the loss, equal to the term's own value. A term that needs all positions at once (sorting,
+nearest neighbours, random subsets) leaves ``additive`` unset and tiling refuses it. A layer term's
+``sums`` is called as ``sums(*, features, valid, target, mask=None, **options)``: ``features``
+(h, w, C) are some of the layer's positions, ``valid`` (h, w) is 1 inside the image and 0 on
+padding (weight every position's part by it), ``target`` the term's target (cropped to the same
+positions when ``positional_target``, as for content), ``mask`` the style mask at those positions.
+An image term's (``reference=None``) is ``sums(*, image, valid, **options)``, ``image`` (h+1, w+1,
+3) holding the positions and one more row and column (total variation looks one pixel ahead).
+``finish(*, sums, target, shape, image_shape, **options)`` gets the layer's full (H, W, C) shape
+and the image's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -28,13 +46,32 @@ from nst_jax import errors
 REFERENCES = ('content', 'style', None)
 
 
-def term(*, reference: str | None, statistic: Callable[..., Any] | None = None):
+@dataclasses.dataclass(frozen=True)
+class Additive:
+  """How a term is a function of sums over positions (see the module docstring for signatures).
+
+  Attributes:
+    sums: the per-position parts of some positions, summed (a pytree of arrays).
+    finish: the loss from the sums over all positions.
+    positional_target: the target holds one value per position (H, W, ...) and is cropped with
+      the features (content); otherwise it is passed whole (a style statistic).
+  """
+
+  sums: Callable[..., Any]
+  finish: Callable[..., jax.Array]
+  positional_target: bool = False
+
+
+def term(*, reference: str | None, statistic: Callable[..., Any] | None = None,
+         additive: Additive | None = None):
   """Marks a function as a loss term.
 
   Args:
     reference: which image's features become targets: ``"content"``, ``"style"`` or ``None``.
     statistic: maps a reference layer's features (H, W, C) (and the term's options) to the stored
       target; default: the features themselves.
+    additive: the term as sums over positions, so tiled evaluation can split it; None for a term
+      that needs all positions at once.
 
   Returns:
     A decorator that records these on the function and returns it unchanged.
@@ -45,6 +82,7 @@ def term(*, reference: str | None, statistic: Callable[..., Any] | None = None):
   def decorate(fn):
     fn.reference = reference
     fn.statistic = statistic or (lambda features, **unused: features)
+    fn.additive = additive
     return fn
 
   return decorate
@@ -54,11 +92,12 @@ def term(*, reference: str | None, statistic: Callable[..., Any] | None = None):
 TERMS: dict[str, Callable[..., jax.Array]] = {}
 
 
-def register(name: str, *, reference: str | None, statistic: Callable[..., Any] | None = None):
+def register(name: str, *, reference: str | None, statistic: Callable[..., Any] | None = None,
+             additive: Additive | None = None):
   """Like :func:`term`, and also makes the term available as ``name`` in configs."""
 
   def decorate(fn):
-    TERMS[name] = term(reference=reference, statistic=statistic)(fn)
+    TERMS[name] = term(reference=reference, statistic=statistic, additive=additive)(fn)
     return fn
 
   return decorate

@@ -17,7 +17,7 @@ Speed notes (measured on a 2-core CPU; see ``python -m nst_jax.benchmark``):
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,11 +101,16 @@ def prepare(vgg: weights_lib.VggWeights, *, dtype: jnp.dtype = jnp.float32) -> d
   }
 
 
+def _accumulation_dtype(dtype) -> jnp.dtype:
+  """float32 for float32 and bfloat16 activations; float64 (a test's exact reference) stays."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _conv_forward(x, kernel):
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(1, 1), padding='SAME',
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      preferred_element_type=jnp.float32).astype(x.dtype)
+      preferred_element_type=_accumulation_dtype(x.dtype)).astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -143,7 +148,9 @@ def preprocess(image: jax.Array, net: Mapping) -> jax.Array:
 
 def features(net: Mapping, image: jax.Array, *, layers: Sequence[str], network: str = 'vgg19',
              pooling: str = 'max', remat: bool = False,
-             compute_dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
+             compute_dtype: jnp.dtype = jnp.float32,
+             boundary: Callable[[jax.Array, int], jax.Array] | None = None
+             ) -> dict[str, jax.Array]:
   """Activations of ``layers`` for one image; only layers up to the deepest requested are computed.
 
   Args:
@@ -155,6 +162,10 @@ def features(net: Mapping, image: jax.Array, *, layers: Sequence[str], network: 
     remat: recompute each block's activations in the backward pass instead of storing them
       (``jax.checkpoint``); trades about a third more compute for much less memory.
     compute_dtype: dtype of activations (float32 or bfloat16); accumulation is float32.
+    boundary: for a window of a larger image (:mod:`nst_jax.tiling`), ``boundary(x, stride)``
+      zeroes the positions of ``x`` (1, h, w, C) at that stride that lie outside the image; it is
+      applied to the input and to every convolution's and pooling's output, so the window's
+      convolutions see the whole image's zero padding at its edges. None: ``image`` is the image.
 
   Returns:
     ``{layer: float32 (H_l, W_l, C_l)}`` for each requested layer.
@@ -167,7 +178,8 @@ def features(net: Mapping, image: jax.Array, *, layers: Sequence[str], network: 
     return {}
   wanted = set(layers)
   last = max(order.index(layer) for layer in layers)
-  x = preprocess(image, net)[None].astype(compute_dtype)
+  clip = boundary or (lambda x, stride: x)
+  x = clip(preprocess(image, net)[None].astype(compute_dtype), 1)
 
   # Group the layers needed into blocks so each block can be rematerialised as a unit.
   blocks: dict[str, list[str]] = {}
@@ -184,13 +196,13 @@ def features(net: Mapping, image: jax.Array, *, layers: Sequence[str], network: 
         if kind.startswith('conv'):
           params = net['layers'][name]
           x = _conv(x, params['kernel'], params['kernel_backward'])
-          x = x + params['bias'].astype(x.dtype)
+          x = clip(x + params['bias'].astype(x.dtype), downsampling(name))
         elif kind.startswith('relu'):
           x = jax.nn.relu(x)
         else:
-          x = _pool(x, pooling)
+          x = clip(_pool(x, pooling), downsampling(name))
         if name in wanted:
-          taken[name] = x[0].astype(jnp.float32)
+          taken[name] = x[0].astype(_accumulation_dtype(x.dtype))
       return x, taken
 
     if remat:
