@@ -292,7 +292,8 @@ def _run_scale(task: Task, scale: int, state: dict, targets, *, log: report.Loss
   label = (f'scale {scale + 1}/{len(task.sizes)} {task.sizes[scale][1]}x{task.sizes[scale][0]} '
            if len(task.sizes) > 1 else '')
   show = progress is not None and progress.mode != 'none'
-  step = int(np.asarray(state['step']).max())
+  # Gathered: a resumed state is split across processes, which np.asarray cannot fetch.
+  step = int(np.asarray(devices.to_host(state['step'])).max())
   if progress:
     progress.restart_clock(done_before + step)
   size = tuple(task.sizes[scale])
