@@ -2,8 +2,9 @@
 
 Each process has one CPU device; they talk over 127.0.0.1 only (the coordinator and gloo, JAX's
 CPU collectives). One batch of 4 seeds is split 2 + 2 across the processes. Process 0 alone
-writes files and reports; the others print nothing but errors; a process that dies makes the
-others stop with one line, not hang. Every wait is bounded; a process still running at its
+writes files and reports; the others print nothing but errors; all resume from process 0's
+checkpoint in the shared workdir; a process that dies makes the others stop with one line, not
+hang. Every wait is bounded; a process still running at its
 deadline is killed.
 """
 
@@ -69,13 +70,14 @@ def weights_path(tmp_path_factory):
   return path
 
 
-def _flags(weights_path: str, workdir: str, *, steps: int = 6) -> list[str]:
+def _flags(weights_path: str, workdir: str, *, steps: int = 6, resume: bool = False
+           ) -> list[str]:
   """The run both tests use: 4 seeds from Gaussian noise, 40 px, random weights."""
   return [f'--workdir={workdir}', f'--config.weights={weights_path}', '--config.size=40',
           f'--config.steps={steps}', '--config.chunk_size=3', '--config.checkpoint_every=3',
           '--config.memory_size=10', '--config.init=gaussian', '--config.batch_over=seed',
           '--config.batch_values=0,1,2,3', '--config.progress=lines',
-          '--config.compilation_cache=']
+          '--config.compilation_cache=', f'--config.resume={resume}']
 
 
 def _environment(**extra: str) -> dict[str, str]:
@@ -132,12 +134,12 @@ def _losses(workdir) -> list:
     return [json.loads(line)['loss'] for line in handle]
 
 
-def test_two_processes_give_the_single_process_results_and_one_set_of_files(tmp_path,
-                                                                           weights_path):
-  shared = tmp_path / 'shared'
+def _run_both(tmp_path, flags: list[str], *, shared) -> float:
+  """A distributed run that must succeed with process 0 alone writing and reporting; seconds."""
+  for name in ('writes_0.txt', 'writes_1.txt'):
+    (tmp_path / name).unlink(missing_ok=True)
   start = time.monotonic()
-  processes = _start_both(tmp_path, _flags(weights_path, str(shared)), watch=str(shared))
-  statuses = _wait(processes, start + _TIMEOUT_S)
+  statuses = _wait(_start_both(tmp_path, flags, watch=str(shared)), start + _TIMEOUT_S)
   seconds = time.monotonic() - start
   assert statuses == [0, 0], (_text(tmp_path, 'err_0.txt'), _text(tmp_path, 'err_1.txt'))
   assert sorted(os.listdir(shared)) == sorted(_FILES)  # one set, nothing left half-written
@@ -147,14 +149,27 @@ def test_two_processes_give_the_single_process_results_and_one_set_of_files(tmp_
   assert _text(tmp_path, 'writes_1.txt') == ''  # process 1 wrote nothing, not even a folder
   assert _text(tmp_path, 'out_1.txt') == '' and _text(tmp_path, 'err_1.txt') == ''
   assert 'stylising 4 images' in _text(tmp_path, 'err_0.txt')  # process 0 reports
-  assert 'step 6/6' in _text(tmp_path, 'err_0.txt')
+  return seconds
 
-  # The reference: one process on two CPU devices runs the same per-device programs, so the
-  # results are equal bit for bit (on one device XLA's batch-of-4 programs round differently in
-  # the last float32 bit). Any lost or misplaced shard would change whole images.
+
+def test_two_processes_give_the_single_process_results_and_one_set_of_files(tmp_path,
+                                                                           weights_path):
+  shared = tmp_path / 'shared'
+  seconds = _run_both(tmp_path, _flags(weights_path, str(shared)), shared=shared)
+  assert 'step 6/6' in _text(tmp_path, 'err_0.txt')
+  # Resumed for 3 more steps: both processes start from the checkpoint process 0 wrote.
+  resumed = _run_both(tmp_path, _flags(weights_path, str(shared), steps=9, resume=True),
+                      shared=shared)
+  assert 'resuming from' in _text(tmp_path, 'err_0.txt'), _text(tmp_path, 'err_0.txt')
+  assert 'step 9/9' in _text(tmp_path, 'err_0.txt')
+
+  # The reference, 9 steps in one go: one process on two CPU devices runs the same per-device
+  # programs, so the results are equal bit for bit (on one device XLA's batch-of-4 programs
+  # round differently in the last float32 bit). A lost or misplaced shard would change images.
   single = tmp_path / 'single'
   done = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'main.py'), *_flags(weights_path, str(single))],
+      [sys.executable, os.path.join(ROOT, 'main.py'),
+       *_flags(weights_path, str(single), steps=9)],
       cwd=ROOT, env=_environment(XLA_FLAGS='--xla_force_host_platform_device_count=2'),
       capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
   assert done.returncode == 0, done.stderr
@@ -162,7 +177,7 @@ def test_two_processes_give_the_single_process_results_and_one_set_of_files(tmp_
   for distributed_result, single_result in zip(_results(shared), _results(single)):
     np.testing.assert_array_equal(distributed_result, single_result)
   assert _losses(shared) == _losses(single)
-  print(f'two processes: {seconds:.0f} s')  # pytest -s shows it (README's figure)
+  print(f'two processes: {seconds:.0f} s, resumed: {resumed:.0f} s')  # README's figures (-s)
 
 
 def test_a_process_that_dies_stops_the_other_with_one_line(tmp_path, weights_path):
