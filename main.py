@@ -9,12 +9,10 @@ Every setting is a field of the config file (configs/default.py lists and explai
 overridable as --config.FIELD=VALUE.
 """
 
-import functools
 import logging
 import os
 import re
 import sys
-import traceback
 
 from absl import app
 from absl import flags
@@ -25,6 +23,7 @@ from nst_jax import errors
 from nst_jax import loop
 from nst_jax import pipeline
 from nst_jax import plan as plan_lib
+from nst_jax import processes
 from nst_jax import xla_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
@@ -85,68 +84,6 @@ def _out_of_memory(plan: plan_lib.Plan, exc: BaseException) -> str:
   return f'out of memory (XLA RESOURCE_EXHAUSTED) stylising {what}; use {levers}'
 
 
-#: Words of XLA's errors when another process of a distributed run is gone (its connection closed,
-#: its heartbeats stopped, the coordinator unreachable).
-_LOST_PROCESS = re.compile(r'Gloo|Connection closed by peer|Connection reset|heartbeat|'
-                           r'UNAVAILABLE|coordination service', re.IGNORECASE)
-
-
-def _lost_process(exc: BaseException) -> str:
-  """One line for a collective that failed because another process stopped."""
-  return (f'process {jax.process_index()}: another process of this distributed run stopped or '
-          f'cannot be reached ({" ".join(str(exc).split())[:200]}); see its own error, then '
-          'start them all again (--config.resume=True continues from the last checkpoint)')
-
-
-def _join(plan: plan_lib.Plan) -> None:
-  """Joins the other processes; on all but process 0 standard output goes to /dev/null.
-
-  Process 0 reports for the run. The others' only output is errors on stderr: muting their
-  stdout also silences what the C++ runtime prints there (gloo's "Rank 1 is connected").
-  """
-  pipeline.configure_jax(plan.outputs, plan.devices)
-  if not pipeline.writes_files():
-    sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
-#: Failures that every process of a distributed run meets at the same point (their causes are
-#: gathered from all of them): all leave through JAX's shutdown barrier, as after a success.
-_AGREED_FAILURES = (pipeline.Disagreement, loop.Stopped, loop.NonFinite)
-
-
-def _leave_at_once_on_failure(main):
-  """In a distributed run, a process that fails alone exits at once, skipping the shutdown barrier.
-
-  At exit JAX waits (up to 5 minutes) until every process reaches that barrier, while the others
-  wait inside a collective for this one: all would hang. Leaving at once closes this process's
-  connections, so the others' next collective fails and they stop too, each with one line.
-  """
-
-  @functools.wraps(main)
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except SystemExit as exc:
-      # The exception that main turned into this exit, if any.
-      if (exc.code in (None, 0) or not jax.distributed.is_initialized()
-          or isinstance(exc.__context__, _AGREED_FAILURES)):
-        raise
-      code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # a bug: shown in full, then the same quick exit
-      if not jax.distributed.is_initialized():
-        raise
-      traceback.print_exc()
-      code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-  return wrapped
-
-
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
@@ -154,7 +91,7 @@ def _parse_flags(argv):
     _config_error(exc)
 
 
-@_leave_at_once_on_failure
+@processes.leave_at_once_on_failure
 @errors.report_user_errors
 def main(argv):
   # JAX logs at INFO that it found no TPU, and how it joins other processes; users only need to
@@ -170,7 +107,8 @@ def main(argv):
     _config_error(exc)
   plan = plan_lib.from_config(config)  # every field checked: one line for a bad one
   if plan.devices.distributed:
-    _join(plan)
+    pipeline.configure_jax(plan.outputs, plan.devices)  # joins the other processes
+    processes.quiet_others()
   try:
     pipeline.run(plan, _WORKDIR.value)
   except loop.Stopped as stopped:
@@ -178,8 +116,8 @@ def main(argv):
   except (jax.errors.JaxRuntimeError, ValueError) as exc:
     # A collective whose peer process is gone fails with the status text of gloo or the
     # coordinator (gloo's as a ValueError).
-    if plan.devices.distributed and _LOST_PROCESS.search(str(exc)):
-      raise errors.UserError(_lost_process(exc)) from None
+    if plan.devices.distributed and processes.LOST_PROCESS.search(str(exc)):
+      raise errors.UserError(processes.lost_process(exc)) from None
     # XLA reports running out of (device or host) memory this way, not as MemoryError; any other
     # runtime error is a bug to show in full.
     if not isinstance(exc, jax.errors.JaxRuntimeError) or 'RESOURCE_EXHAUSTED' not in str(exc):

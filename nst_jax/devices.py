@@ -150,9 +150,20 @@ def activation_bytes(height: int, width: int, *, layers: Sequence[str], network:
 
 def planned_bytes(height: int, width: int, *, layers: Sequence[str], network: str,
                   compute_dtype: str, history_images: int, batch: int,
-                  history_dtype: str = 'float32') -> int:
-  """The memory a batch of height x width problems needs: activations plus optimiser history."""
-  activations = activation_bytes(height, width, layers=layers, network=network,
+                  history_dtype: str = 'float32', tile_window: int = 0,
+                  space_devices: int = 1) -> int:
+  """The memory per device a batch of height x width problems needs: activations plus history.
+
+  Args:
+    tile_window: side of the window one tile is evaluated on (tile plus halo; 0: no tiles): the
+      activations are those of one window, not of the whole image.
+    space_devices: how many devices the image's rows are split over (``shard='space'``).
+  """
+  if tile_window:
+    height_a, width_a = min(height, tile_window), min(width, tile_window)
+  else:
+    height_a, width_a = height, width
+  activations = activation_bytes(height_a, width_a, layers=layers, network=network,
                                  dtype_bytes=2 if compute_dtype == 'bfloat16' else 4)
   history = history_images * height * width * 3 * (2 if history_dtype == 'bfloat16' else 4)
-  return (activations + history) * batch
+  return (activations + history) * batch // space_devices

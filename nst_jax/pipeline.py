@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,9 @@ from nst_jax import losses
 from nst_jax import outputs
 from nst_jax import plan as plan_lib
 from nst_jax import problem
+from nst_jax import processes
 from nst_jax import report
+from nst_jax import tiling
 from nst_jax import vgg
 from nst_jax import weights
 
@@ -87,7 +88,7 @@ def configure_jax(outputs_plan: plan_lib.OutputPlan, devices_plan: plan_lib.Devi
     errors.UserError: the coordinator cannot be reached or started.
   """
   if devices_plan.distributed and not jax.distributed.is_initialized():
-    _join_processes(devices_plan)
+    processes.join(devices_plan)
   if outputs_plan.compilation_cache:
     cache = os.path.expanduser(outputs_plan.compilation_cache)
     try:
@@ -97,124 +98,6 @@ def configure_jax(outputs_plan: plan_lib.OutputPlan, devices_plan: plan_lib.Devi
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-
-
-def _join_processes(devices_plan: plan_lib.DevicesPlan) -> None:
-  """``jax.distributed.initialize`` with the plan's coordinator, or the cluster's when unset."""
-  # Processes whose devices are CPUs exchange data over TCP with gloo. The setting only concerns
-  # the CPU backend (GPU and TPU use their own collectives), so it is set whatever the platform:
-  # which one runs is not known before the backends start, and they must start after this.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  given = devices_plan.process_id >= 0  # the plan has all three or none
-  address = devices_plan.coordinator_address or None
-  try:
-    jax.distributed.initialize(
-        coordinator_address=address,
-        num_processes=devices_plan.num_processes if given else None,
-        process_id=devices_plan.process_id if given else None,
-        initialization_timeout=JOIN_TIMEOUT_S)
-  except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as exc:
-    where = (f'the coordinator at {address} as process {devices_plan.process_id} of '
-             f'{devices_plan.num_processes}' if given else 'the cluster\'s coordinator')
-    raise errors.UserError(
-        f'could not join {where}: {_first_line(exc)}; start every process within '
-        f'{JOIN_TIMEOUT_S} s of each other with the same --config.coordinator_address (the host '
-        'and a free port of process 0) and --config.num_processes') from None
-
-
-def _first_line(exc: BaseException) -> str:
-  lines = str(exc).strip().splitlines()
-  return lines[0] if lines else type(exc).__name__
-
-
-#: How long a process waits for all the others to join a distributed run (jax's default: 300).
-JOIN_TIMEOUT_S = 300
-
-
-def writes_files() -> bool:
-  """Whether this process writes files and reports progress: process 0 of a distributed run.
-
-  The others compute their share of every step and print nothing but errors; they read only a
-  checkpoint to resume from (so the workdir must be shared, see :func:`_check_agreement`).
-  """
-  return jax.process_index() == 0
-
-
-def _digest(value: bytes | str) -> bytes:
-  return hashlib.sha256(value.encode() if isinstance(value, str) else value).digest()
-
-
-def _settings_digest(plan: plan_lib.Plan) -> bytes:
-  """The plan, less what may differ between processes: their id and compilation cache.
-
-  Not the progress mode: the loop gathers the loss terms only when it shows them (see run).
-  """
-  same = dataclasses.replace(
-      plan, devices=dataclasses.replace(plan.devices, process_id=-1),
-      outputs=dataclasses.replace(plan.outputs, compilation_cache=''))
-  return _digest(repr(same))  # plans hold names, numbers and tuples: a stable repr
-
-
-def _checkpoint_digest(plan: plan_lib.Plan, workdir: str | None) -> bytes:
-  """What a resume would start from: the checkpoint's bytes (none: empty)."""
-  path = None if workdir is None else os.path.join(workdir, CHECKPOINT)
-  if not (plan.outputs.resume and path and os.path.exists(path)):
-    return _digest(b'')
-  with open(path, 'rb') as handle:
-    return _digest(handle.read())
-
-
-def _inputs_digest(prepared: Prepared) -> bytes:
-  """The images every process read, and the plan as it runs (the memory guard may change it)."""
-  digest = hashlib.sha256(_settings_digest(prepared.plan))
-  batch = prepared.batch
-  masks = [mask for masks in batch.masks or [] for mask in masks]
-  for image in [*batch.contents, *(style for styles in batch.styles for style in styles), *masks,
-                *([] if batch.init_image is None else [batch.init_image])]:
-    digest.update(np.ascontiguousarray(image).tobytes())
-  return digest.digest()
-
-
-class Disagreement(errors.UserError):
-  """Processes of a distributed run started differently; raised alike on every process."""
-
-
-_AGREEMENT_FIXES = {
-    'settings': 'start every process with the same command line, apart from '
-                '--config.process_id (and --config.compilation_cache)',
-    'checkpoint': 'every process resumes from the checkpoint process 0 wrote: give them one '
-                  'shared --workdir (or copy it to each host\'s)',
-    'inputs': 'every process must read the same content and style images (copy them to each '
-              'host), and see the same device memory',
-}
-
-
-def _check_agreement(digests: dict[str, bytes], *, fixes: dict[str, str]) -> None:
-  """Refuses, on every process, a distributed run whose processes would compute different things.
-
-  Each process contributes a digest per aspect; all of them are gathered (a collective: every
-  process must call this at the same point). The first call also opens the connections between
-  the processes, so from then on a process that dies makes the others' next collective fail at
-  once, where before it they would wait for the coordinator's heartbeat timeout.
-
-  Raises:
-    Disagreement: naming the first aspect and process that differ from process 0, and
-      ``fixes[aspect]``.
-  """
-  if jax.process_count() == 1:
-    return
-  from jax.experimental import multihost_utils  # only distributed runs need it
-  names = list(digests)
-  mine = np.frombuffer(b''.join(digests[name] for name in names), np.int32)
-  # (processes, aspects, digest words); every process raises the same error, so all stop.
-  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(
-      jax.process_count(), len(names), -1)
-  for index, name in enumerate(names):
-    differing = [process for process in range(len(every))
-                 if not np.array_equal(every[process, index], every[0, index])]
-    if differing:
-      raise Disagreement(f'process {differing[0]} of this distributed run has other {name} '
-                         f'than process 0; {fixes[name]}')
 
 
 #: The shortest L-BFGS history chosen automatically when the configured one would not fit.
@@ -228,10 +111,17 @@ def _fit_memory(plan: plan_lib.Plan, batch: inputs.Batch) -> tuple[plan_lib.Plan
   """
   height, width = plan.images.output_size(batch.contents[0].shape[:2])
   lbfgs = 'lbfgs' in plan.optimizer.name
+  layers = losses.feature_layers(plan.entries)
+  window = 0
+  if plan.network.tile_size:
+    window = plan.network.tile_size + 2 * tiling.halo_size(
+        layers, network=plan.network.name, image_terms=True)
+  space = plan.devices.shard == 'space' and devices.splits_rows(height)
   needed = lambda memory_size: devices.planned_bytes(
-      height, width, layers=losses.feature_layers(plan.entries), network=plan.network.name,
+      height, width, layers=layers, network=plan.network.name,
       compute_dtype=plan.network.compute_dtype, history_images=2 * memory_size if lbfgs else 0,
-      history_dtype=plan.optimizer.history_dtype, batch=len(batch))
+      history_dtype=plan.optimizer.history_dtype, batch=len(batch), tile_window=window,
+      space_devices=jax.device_count() if space else 1)
   available, where = devices.device_memory()
   memory_size = plan.optimizer.memory_size
   if needed(memory_size) <= 0.8 * available:
@@ -337,19 +227,6 @@ def _announce(prepared: Prepared, groups, progress: report.Progress) -> None:
     progress.message(prepared.memory_note)
 
 
-def _stop_signal(requested: list[int]) -> Callable[[], int]:
-  """The number of a signal that asked to stop (0: none), checked after every chunk.
-
-  In a distributed run any process's signal stops them all after the same chunk: their
-  collectives (the checkpoint's gather included) must pair up.
-  """
-  if jax.process_count() == 1:
-    return lambda: requested[0] if requested else 0
-  from jax.experimental import multihost_utils  # only distributed runs need it
-  return lambda: int(np.max(multihost_utils.process_allgather(
-      np.int32(requested[0] if requested else 0))))
-
-
 def _optimize_groups(prepared: Prepared, groups, *, workdir: str | None, writes: bool,
                      progress: report.Progress) -> tuple[list[np.ndarray], list[dict]]:
   """Optimises each shape group in turn; returns the finished images in batch order.
@@ -376,7 +253,7 @@ def _optimize_groups(prepared: Prepared, groups, *, workdir: str | None, writes:
       try:
         outcome = loop.optimize(prepared.task(indices, size),
                                 saving(plan, workdir, tag, writes=writes), progress=progress,
-                                on_chunk=on_chunk, stop_signal=_stop_signal(requested),
+                                on_chunk=on_chunk, stop_signal=processes.stop_signal(requested),
                                 done_before=group_index * steps)
       except (loop.Stopped, loop.NonFinite) as exc:
         # The group that stopped gives its last good images; groups not reached keep their start.
@@ -415,11 +292,15 @@ def run(plan: plan_lib.Plan, workdir: str | None, *, contents: Sequence[inputs.S
   configure_jax(plan.outputs, plan.devices)
   if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.UserError(f'--workdir {workdir!r} exists and is not a directory; choose another')
-  _check_agreement({'settings': _settings_digest(plan),
-                    'checkpoint': _checkpoint_digest(plan, workdir)}, fixes=_AGREEMENT_FIXES)
+  checkpoint_path = None if workdir is None else os.path.join(workdir, CHECKPOINT)
+  processes.check_agreement(
+      {'settings': processes.settings_digest(plan),
+       'checkpoint': processes.checkpoint_digest(checkpoint_path, resume=plan.outputs.resume)},
+      fixes=processes.AGREEMENT_FIXES)
   prepared = prepare(plan, contents=contents, styles=styles)  # before the workdir is created
-  _check_agreement({'inputs': _inputs_digest(prepared)}, fixes=_AGREEMENT_FIXES)
-  writes = writes_files()
+  processes.check_agreement({'inputs': processes.inputs_digest(prepared.plan, prepared.batch)},
+                            fixes=processes.AGREEMENT_FIXES)
+  writes = processes.writes_files()
   if workdir is not None and writes:
     files.ensure_directory(workdir)
   groups = inputs.shape_groups(prepared.batch, plan.images)

@@ -34,6 +34,13 @@ def test_activation_bytes_count_every_conv_output_up_to_the_deepest_layer():
   planned = devices.planned_bytes(32, 32, layers=['block2_relu2'], network='vgg19',
                                   compute_dtype='bfloat16', history_images=10, batch=3)
   assert planned == 3 * (expected // 2 + 10 * 32 * 32 * 3 * 4)
+  # Tiles: activations of one 16 px window only; bfloat16 history: 2 bytes a value; rows split
+  # over 4 devices: a quarter each.
+  window = (2 * 16 * 16 * 64 + 2 * 8 * 8 * 128) * 4
+  tiled = devices.planned_bytes(32, 32, layers=['block2_relu2'], network='vgg19',
+                                compute_dtype='float32', history_images=10, batch=1,
+                                history_dtype='bfloat16', tile_window=16, space_devices=4)
+  assert tiled == (window + 10 * 32 * 32 * 3 * 2) // 4
 
 
 def test_device_memory_reads_an_accelerators_limit(monkeypatch):
