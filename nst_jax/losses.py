@@ -52,6 +52,7 @@ TERMS = terms.TERMS
 term = terms.term
 register = terms.register
 lookup = terms.lookup
+Additive = terms.Additive
 # The Gaussian and total-variation terms live in their own modules; their names stay here.
 wasserstein = gaussian_losses.wasserstein
 mean_std = gaussian_losses.mean_std

@@ -67,13 +67,13 @@ def check(entries: Sequence[losses.Entry], *, tile_size: int, network: str) -> N
     raise errors.UserError(f'--config.tile_size={tile_size} must be 0 (off) or a tile side in px')
   if tile_size == 0:
     return
-  tiling = sorted(name for name, fn in losses.TERMS.items() if fn.additive is not None)
+  tileable = sorted(name for name, fn in losses.TERMS.items() if fn.additive is not None)
   for entry in entries:
     if getattr(entry.fn, 'additive', None) is None:
       raise errors.UserError(
           f'loss {entry.name!r} (term {entry.term!r}) is not additive over positions (it needs '
-          f'all positions at once), so --config.tile_size cannot split it; set '
-          f'--config.tile_size=0 or use a term that tiles ({", ".join(tiling)})')
+          f'all positions at once, or declares no additive=...), so --config.tile_size cannot '
+          f'split it; set --config.tile_size=0 or use a term that tiles ({", ".join(tileable)})')
     if entry.normalize_gradients or losses.accepts_key(entry):
       raise errors.UserError(
           f'loss {entry.name!r} (term {entry.term!r}) ' + (
@@ -120,6 +120,13 @@ class Geometry:
     starts at ``origin(index)`` of this array."""
     return jnp.pad(image, ((self.halo, self.rows * self.tile - self.height + self.halo),
                            (self.halo, self.cols * self.tile - self.width + self.halo), (0, 0)))
+
+  def window_at(self, padded: jax.Array, index: jax.Array
+                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """Window ``index`` (tile and halo) of :meth:`pad`'s output, and where it starts there."""
+    row, col = self.origin(index)
+    start = (row, col, jnp.zeros_like(row))  # index dtypes must agree (int64 under x64)
+    return jax.lax.dynamic_slice(padded, start, (self.window, self.window, 3)), start
 
   def crop(self, padded: jax.Array) -> jax.Array:
     return padded[self.halo:self.halo + self.height, self.halo:self.halo + self.width]
@@ -208,6 +215,27 @@ def _crop(array: jax.Array, start: tuple[jax.Array, jax.Array], count: int) -> j
                                (count, count, *array.shape[2:]))
 
 
+def tile_features(window: jax.Array, index: jax.Array, *, net: Mapping, program: problem.Program,
+                  geometry: Geometry) -> dict[str, jax.Array]:
+  """Tile ``index``'s features at each of the program's layers, from its window (tile and halo).
+
+  They are the whole image's features at the tile's positions (zero where the tile overhangs the
+  image): the halo keeps the window's own edges out of them.
+  """
+  if not program.layers:
+    return {}
+  origin = geometry.origin(index)
+  window_origin = (origin[0] - geometry.halo, origin[1] - geometry.halo)
+  features = program.features(net, window, program.layers, boundary=functools.partial(
+      _zero_outside, origin=window_origin, geometry=geometry))
+  tile = {}
+  for layer, values in features.items():
+    stride = vgg.downsampling(layer)
+    inner, count = geometry.halo // stride, geometry.tile // stride
+    tile[layer] = values[inner:inner + count, inner:inner + count]
+  return tile
+
+
 def _layer_sums(entry: losses.Entry, features: Mapping[str, jax.Array], data: Mapping, *,
                 origin: tuple[jax.Array, jax.Array], geometry: Geometry) -> list[dict]:
   """A layer term's sums over one tile's positions: ``[{layer: sums} per reference image]``."""
@@ -218,7 +246,6 @@ def _layer_sums(entry: losses.Entry, features: Mapping[str, jax.Array], data: Ma
     for layer in entry.layers:
       stride = vgg.downsampling(layer)
       count, start = geometry.tile // stride, (origin[0] // stride, origin[1] // stride)
-      inner = geometry.halo // stride  # the tile's own positions in the window
       kwargs = dict(entry.options)
       if masks is not None:
         kwargs['mask'] = _crop(masks[layer], start, count)
@@ -226,7 +253,7 @@ def _layer_sums(entry: losses.Entry, features: Mapping[str, jax.Array], data: Ma
       if additive.positional_target:
         target = jax.tree.map(lambda x: _crop(x, start, count), target)
       per_layer[layer] = additive.sums(
-          features=features[layer][inner:inner + count, inner:inner + count],
+          features=features[layer],
           valid=_valid(start, count, (geometry.height // stride, geometry.width // stride)),
           target=target, **kwargs)
     per_reference.append(per_layer)
@@ -237,9 +264,7 @@ def _tile_sums(window: jax.Array, index: jax.Array, *, net: Mapping, data: Mappi
                program: problem.Program, geometry: Geometry) -> dict:
   """Every entry's sums over tile ``index``'s positions, from its window (tile and halo)."""
   origin = geometry.origin(index)
-  window_origin = (origin[0] - geometry.halo, origin[1] - geometry.halo)
-  features = program.features(net, window, program.layers, boundary=functools.partial(
-      _zero_outside, origin=window_origin, geometry=geometry)) if program.layers else {}
+  features = tile_features(window, index, net=net, program=program, geometry=geometry)
   sums = {}
   for entry in program.entries:
     if entry.reference is None:  # the tile's pixels and one more row and column
@@ -280,20 +305,13 @@ def _finish(sums: Mapping, data: Mapping, *, program: problem.Program, geometry:
 # The two passes.
 
 
-def _window(padded: jax.Array, index: jax.Array, geometry: Geometry
-            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, int]]:
-  row, col = geometry.origin(index)
-  start = (row, col, jnp.zeros_like(row))  # in the padded image, whose first halo rows and columns are padding
-  return jax.lax.dynamic_slice(padded, start, (geometry.window, geometry.window, 3)), start
-
-
 def _accumulate(image: jax.Array, net: Mapping, data: Mapping, *, program: problem.Program,
                 geometry: Geometry) -> dict:
   """Pass 1: the sums of every tile, added up (one window's activations alive at a time)."""
   padded = geometry.pad(image)
   tile_sums = functools.partial(_tile_sums, net=net, data=data, program=program,
                                 geometry=geometry)
-  one = lambda index: tile_sums(_window(padded, index, geometry)[0], index)
+  one = lambda index: tile_sums(geometry.window_at(padded, index)[0], index)
   indices = jnp.arange(geometry.rows * geometry.cols)
   zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
                        jax.eval_shape(one, indices[0]))
@@ -309,7 +327,7 @@ def _gradient(image: jax.Array, net: Mapping, data: Mapping, sums_cotangent: Map
                                 geometry=geometry)
 
   def add(gradient, index):
-    window, start = _window(padded, index, geometry)
+    window, start = geometry.window_at(padded, index)
     _, vjp = jax.vjp(lambda x: tile_sums(x, index), window)
     size = (geometry.window, geometry.window, 3)
     here = jax.lax.dynamic_slice(gradient, start, size) + vjp(sums_cotangent)[0]

@@ -20,6 +20,7 @@ from nst_jax import losses
 from nst_jax import plan
 from nst_jax import problem
 from nst_jax import tiling
+from nst_jax import vgg
 from nst_jax.benchmark import measure
 from tests import helpers
 
@@ -223,6 +224,54 @@ def test_settings_that_cannot_tile_are_refused_in_one_line(overrides, message):
   plan.from_config(config)
 
 
+def _channel_mean_sums(*, features, valid, **unused):
+  return {'first': jnp.sum(valid[..., None] * features, axis=(0, 1)), 'count': jnp.sum(valid)}
+
+
+def _channel_mean_finish(*, sums, target, **unused):
+  return jnp.sum((sums['first'] / sums['count'] - target) ** 2)
+
+
+@losses.term(reference='style', statistic=lambda features, **unused: features.mean(axis=(0, 1)),
+             additive=losses.Additive(sums=_channel_mean_sums, finish=_channel_mean_finish))
+def channel_mean(*, features, target, **unused):
+  """A researcher's own additive term: squared error of the channel means."""
+  return jnp.sum((features.mean(axis=(0, 1)) - target) ** 2)
+
+
+def test_a_term_of_ones_own_tiles_when_it_declares_its_sums():
+  config = helpers.tiny_config(size=80, tile_size=32, init='gaussian', content_weight=0.0,
+                               **{'losses.style.term': 'tests.test_tiling:channel_mean',
+                                  'losses.style.options': {}})
+  found = _errors(*_problem(config))
+  assert found['style'][0] < TOLERANCE and found['style'][1] < TOLERANCE, found
+
+
+def test_each_window_gives_the_whole_images_features_at_its_tile():
+  # The halo's own check, sharper than the loss: 256 x 200 px (tiles overhang the image), every
+  # layer to relu5_1, each of the 16 tiles against the whole image's features.
+  config = helpers.tiny_config(size=SIZE, init='gaussian', tile_size=TILE,
+                               **{'losses.style.layers': DEEP})
+  prepared = helpers.prepare(config)
+  program, net = prepared.program, prepared.net
+  image = jnp.asarray(prepared.start_images(SIZE, SIZE)[0][:200])
+  geometry = tiling.geometry_of(program, 200, SIZE)
+  whole = jax.device_get(jax.jit(lambda x: program.features(net, x, program.layers))(image))
+  padded = geometry.pad(image)
+  features = jax.jit(lambda index: tiling.tile_features(
+      geometry.window_at(padded, index)[0], index, net=net, program=program, geometry=geometry))
+  for index in range(geometry.rows * geometry.cols):
+    tile = features(index)
+    row, col = geometry.origin(index)
+    for layer, values in whole.items():
+      stride = vgg.downsampling(layer)
+      expected = values[row // stride:(row + TILE) // stride, col // stride:(col + TILE) // stride]
+      got = np.asarray(tile[layer])
+      inside = got[:expected.shape[0], :expected.shape[1]]
+      assert np.abs(inside - expected).max(initial=0) <= 1e-5 * np.abs(values).max(), layer
+      assert not got[expected.shape[0]:].any() and not got[:, expected.shape[1]:].any(), layer
+
+
 def test_halo_and_grid_follow_the_deepest_layer():
   assert tiling.pooling_grid(DEEP) == 16 and tiling.pooling_grid(()) == 1
   # 2 + 2x2 + 4x4 + 4x8 + 16 = 70 px of receptive field, rounded up to the grid of 16.
@@ -256,7 +305,9 @@ def test_twenty_lbfgs_steps_with_tiles_give_the_untiled_image(tmp_path):
 
 
 def test_tiles_plan_less_temporary_memory():
-  program, net, targets, image = _problem(_config(**CASES['gram']))
+  # 512 px, relu5_1: XLA plans 574 MiB of temporaries untiled, 115 MiB with 64 px tiles.
+  program, net, targets, image = _problem(helpers.tiny_config(
+      size=512, tile_size=TILE, init='gaussian', **CASES['gram']))
 
   def temporary_bytes(program):
     loss = lambda x, net, targets: problem.objective(x, net=net, targets=targets,
@@ -265,4 +316,4 @@ def test_tiles_plan_less_temporary_memory():
     return measure.planned_bytes(compiled)[1]
 
   tiled, untiled = temporary_bytes(program), temporary_bytes(_untiled(program))
-  assert 0 < tiled < 0.8 * untiled, (tiled, untiled)
+  assert 0 < tiled < 0.3 * untiled, (tiled, untiled)
