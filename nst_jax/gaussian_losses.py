@@ -50,8 +50,9 @@ def _wasserstein_finish(*, sums: Mapping[str, jax.Array], target: Mapping[str, j
   return _wasserstein_distance(stats, target, normalization=normalization)
 
 
-@terms.register('wasserstein', reference='style', statistic=feature_statistics.mean_covariance_statistic,
-          additive=terms.Additive(sums=_moment_sums(outer=True), finish=_wasserstein_finish))
+@terms.register('wasserstein', reference='style',
+                statistic=feature_statistics.mean_covariance_statistic,
+                additive=terms.Additive(sums=_moment_sums(outer=True), finish=_wasserstein_finish))
 def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
                 mask: jax.Array | None = None, normalization: str = 'gram', **unused
                 ) -> jax.Array:
@@ -79,7 +80,7 @@ def _mean_std_finish(*, sums: Mapping[str, jax.Array], target: Mapping[str, jax.
 
 
 @terms.register('mean_std', reference='style', statistic=feature_statistics.mean_std_statistic,
-          additive=terms.Additive(sums=_moment_sums(outer=False), finish=_mean_std_finish))
+                additive=terms.Additive(sums=_moment_sums(outer=False), finish=_mean_std_finish))
 def mean_std(*, features: jax.Array, target: Mapping[str, jax.Array],
              mask: jax.Array | None = None, normalization: str = 'gram', **unused) -> jax.Array:
   """Channel mean and standard deviation matching (the AdaIN statistic): mean squared errors.

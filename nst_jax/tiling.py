@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +91,7 @@ def check(entries: Sequence[losses.Entry], *, tile_size: int, network: str) -> N
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """How an image of ``height`` x ``width`` is cut: square tiles of ``tile`` px, halos of ``halo``."""
+  """How a ``height`` x ``width`` image is cut: square tiles of ``tile`` px, halos of ``halo``."""
 
   height: int
   width: int

@@ -72,8 +72,8 @@ def _tv_l1_finish(*, sums: Mapping[str, jax.Array], image_shape: Sequence[int], 
                 + sums['right'] / (height * (width - 1) * channels))
 
 
-@terms.register('tv_l1', reference=None, additive=terms.Additive(sums=_tv_l1_sums,
-                                                           finish=_tv_l1_finish))
+@terms.register('tv_l1', reference=None,
+                additive=terms.Additive(sums=_tv_l1_sums, finish=_tv_l1_finish))
 def total_variation_l1(*, image: jax.Array, **unused) -> jax.Array:
   """pastiche's TV: ``½ (mean |x[i+1,j]−x[i,j]| + mean |x[i,j+1]−x[i,j]|)``.
 

@@ -173,7 +173,8 @@ def test_layer_term_sums_over_row_blocks_finish_to_the_term(rng, name, masked):
   mask = rng.uniform(0, 1, features.shape[:2]).astype(np.float32) if masked else None
   # Three tiles of rows 0-4, 5-11 and 12-15 (garbage, weighted out), as the tiler cuts them.
   padded, valid = _blocks(features, 4, rng)
-  padded_target = _blocks(np.asarray(target), 4, rng)[0] if fn.additive.positional_target else target
+  positional = fn.additive.positional_target
+  padded_target = _blocks(np.asarray(target), 4, rng)[0] if positional else target
   padded_mask = None if mask is None else _blocks(mask, 4, rng)[0]
   parts = []
   for rows in (slice(0, 5), slice(5, 12), slice(12, 16)):
