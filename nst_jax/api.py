@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from nst_jax import config_files
 from nst_jax import errors
 from nst_jax import images
 from nst_jax import inputs
@@ -82,7 +83,7 @@ def stylize(content: Sources, style: Sources, *, workdir: str | None = None,
     errors.UserError: a bad setting or input, with the same one-line message as the CLI.
   """
   # A copy keeps the field references (content_weight -> losses.content.weight) alive.
-  base = plan_lib.load_config_file(config) if isinstance(config, str) else copy.deepcopy(config)
+  base = config_files.load_config_file(config) if isinstance(config, str) else copy.deepcopy(config)
   contents, styles = _as_list(content), _as_list(style)
   if workdir is None and 'compilation_cache' not in overrides:
     overrides['compilation_cache'] = ''  # nothing on disk without a workdir

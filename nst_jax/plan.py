@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
-import sys
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any
 
 import numpy as np
 
 from nst_jax import color
+from nst_jax import config_files
 from nst_jax import errors
 from nst_jax import images
 from nst_jax import losses
@@ -39,8 +37,6 @@ INITS = ('content', 'style', 'uniform', 'gaussian')
 MIN_SIZE = 32
 #: Largest output side accepted at all (memory is checked separately).
 MAX_SIZE = 16384
-DEFAULT_CONTENT = 'astronaut.jpg'
-DEFAULT_STYLE = 'starry_night.jpg'
 #: Fields that do not change the result, left out of a checkpoint's config fingerprint.
 _NOT_FINGERPRINTED = ('resume', 'progress', 'steps', 'save_every', 'checkpoint_every',
                       'compilation_cache', 'checkpoint_history', 'coordinator_address',
@@ -51,39 +47,6 @@ _NOT_FINGERPRINTED = ('resume', 'progress', 'steps', 'save_every', 'checkpoint_e
 SHARD_MODES = ('batch', 'space')
 #: Precisions of lbfgs_fixed's history (config.history_dtype).
 HISTORY_DTYPES = ('float32', 'bfloat16')
-
-
-#: The checkout's top folder, where configs/ lives.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config_file(path: str):
-  """``get_config()`` of a config file (e.g. ``configs/pastiche.py``), loaded as main.py does.
-
-  A bare name such as ``'pastiche'`` means ``configs/pastiche.py`` of this checkout.
-  """
-  if os.sep not in path and not path.endswith('.py'):
-    path = os.path.join(ROOT, 'configs', f'{path}.py')
-  if not os.path.isfile(path):
-    raise errors.UserError(f'config file {path} not found; give a path to a config file such as '
-                           'configs/default.py of a checkout of nst_jax')
-  spec = importlib.util.spec_from_file_location(
-      f'nst_jax_config_{os.path.splitext(os.path.basename(path))[0]}', path)
-  module = importlib.util.module_from_spec(spec)
-  added = ROOT not in sys.path
-  if added:  # presets import configs.default, as they do under main.py
-    sys.path.insert(0, ROOT)
-  try:
-    spec.loader.exec_module(module)
-  finally:
-    if added:
-      sys.path.remove(ROOT)
-  return module.get_config()
-
-
-def example_path(name: str) -> str:
-  """Path of an embedded example image (see nst_jax/assets/README.md for licences)."""
-  return str(resources.files('nst_jax').joinpath('assets', 'examples', name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,10 +238,10 @@ def _images(config) -> ImagesPlan:
   if config.style_scale <= 0:
     raise errors.UserError(f'--config.style_scale={config.style_scale} must be positive')
   _check_choice(config.preserve_color, color.MODES, field='preserve_color')
-  contents = tuple(split(config.content_image)) or (example_path(DEFAULT_CONTENT),)
+  contents = tuple(split(config.content_image)) or (config_files.example_path(config_files.DEFAULT_CONTENT),)
   if len(contents) > 1 and config.batch_over != 'content':
     raise errors.UserError('several content images need --config.batch_over=content')
-  styles = tuple(split(config.style_images)) or (example_path(DEFAULT_STYLE),)
+  styles = tuple(split(config.style_images)) or (config_files.example_path(config_files.DEFAULT_STYLE),)
   blend = _floats(config.style_blend_weights, field='style_blend_weights')
   if blend and config.batch_over == 'style':
     raise errors.UserError('--config.style_blend_weights blends styles, but batch_over=style '

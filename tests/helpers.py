@@ -12,6 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from nst_jax import config_files
 from nst_jax import weights
 
 
@@ -96,6 +97,5 @@ def final_losses(workdir):
 def example(name):
   """An embedded example image's pixels ('content' or 'style')."""
   from nst_jax import images
-  from nst_jax import plan
-  return images.load(plan.example_path(
-      plan.DEFAULT_CONTENT if name == 'content' else plan.DEFAULT_STYLE))
+  return images.load(config_files.example_path(
+      config_files.DEFAULT_CONTENT if name == 'content' else config_files.DEFAULT_STYLE))

@@ -1,7 +1,5 @@
 """The Python API: nst_jax.stylize on arrays and paths, the CLI's checks, nothing on disk."""
 
-import os
-
 import numpy as np
 import pytest
 

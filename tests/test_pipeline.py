@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 
 from configs import default
+from nst_jax import config_files
 from nst_jax import checkpoints
 from nst_jax import color
 from nst_jax import errors
 from nst_jax import images
 from nst_jax import metrics
 from nst_jax import outputs
-from nst_jax import pipeline
-from nst_jax import plan
 from nst_jax import report
 from nst_jax import weights
 from tests import helpers
@@ -379,7 +378,7 @@ def test_every_style_term_stylises_at_the_default_weights(tmp_path, term):
   # the Gram-scale normalisation, Wasserstein lowered the loss by 0.2% in 30 steps.) mrf runs
   # its preset, the default with the paper's layers relu3_1 and relu4_1. Terms that draw random
   # numbers are logged at the first step's draws, so first and last compare like with like.
-  config = default.get_config() if term != 'mrf' else plan.load_config_file('mrf')
+  config = default.get_config() if term != 'mrf' else config_files.load_config_file('mrf')
   config.size, config.steps, config.chunk_size = 64, 50, 25
   config.progress, config.compilation_cache, config.checkpoint_every = 'none', '', 0
   config.losses.style.term = term

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from nst_jax import config_files
 from nst_jax import errors
 from nst_jax import plan
 from tests import helpers
@@ -83,8 +84,8 @@ def test_the_fingerprint_ignores_fields_that_do_not_change_the_result():
 
 
 def test_a_preset_loads_by_name_as_main_does():
-  config = plan.load_config_file('pastiche')
+  config = config_files.load_config_file('pastiche')
   assert config.optimizer == 'lbfgs_fixed' and config.losses.style.options['normalization'] == (
       'pastiche')
   with pytest.raises(errors.UserError, match='not found'):
-    plan.load_config_file('no_such_preset')
+    config_files.load_config_file('no_such_preset')

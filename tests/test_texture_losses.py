@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from configs import default
+from nst_jax import config_files
 from nst_jax import images
 from nst_jax import metrics
-from nst_jax import plan
 from nst_jax import texture_losses
 from nst_jax import vgg
 from tests import helpers
@@ -237,7 +237,7 @@ STYLE_LAYERS = ('block1_relu1', 'block2_relu1', 'block3_relu1', 'block4_relu1', 
 def _optimised_and_reference_features(tmp_path, term, layers, steps=20):
   """Features of the content (the start image), of the result of ``steps`` steps of the default
   config with ``term`` as its style term at 64 px, and of the style."""
-  config = default.get_config() if term != 'mrf' else plan.load_config_file('mrf')
+  config = default.get_config() if term != 'mrf' else config_files.load_config_file('mrf')
   config.size, config.steps, config.chunk_size = 64, steps, steps
   config.progress, config.compilation_cache, config.checkpoint_every = 'none', '', 0
   config.losses.style.term = term

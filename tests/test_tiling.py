@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from nst_jax import config_files
 from nst_jax import errors
 from nst_jax import losses
 from nst_jax import plan
@@ -112,7 +113,8 @@ def test_masked_terms_and_an_image_not_a_multiple_of_the_tile(tmp_path):
   # 256 x 200: the last row of tiles overhangs the image by 56 px, and relu4_1's 25 rows end
   # inside a tile; two styles, each confined to half of the picture.
   content = helpers.write_image(tmp_path / 'content.png', helpers.example('content')[:300])
-  styles = f'{plan.example_path(plan.DEFAULT_STYLE)},{plan.example_path(plan.DEFAULT_CONTENT)}'
+  styles = ','.join(config_files.example_path(name) for name in (config_files.DEFAULT_STYLE,
+                                                                   config_files.DEFAULT_CONTENT))
   config = _config(content_image=content, style_images=styles, tv_weight=1.0,
                    style_masks=_masks(tmp_path, height=300, width=384, styles=2),
                    **{'losses.style.layers': ('block1_relu1', 'block3_relu1', 'block4_relu1'),

