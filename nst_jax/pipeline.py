@@ -271,6 +271,21 @@ def _optimize_groups(prepared: Prepared, groups, *, workdir: str | None, writes:
   return results, records
 
 
+def _prepare_alike(plan: plan_lib.Plan, workdir: str | None, *,
+                   contents: Sequence[inputs.Source], styles: Sequence[inputs.Source]) -> Prepared:
+  """:func:`prepare` (before the workdir is created), every process of a distributed run checked
+  to start from the same settings, checkpoint and inputs (nothing to check in one process)."""
+  checkpoint_path = None if workdir is None else os.path.join(workdir, CHECKPOINT)
+  processes.check_agreement(
+      {'settings': processes.settings_digest(plan),
+       'checkpoint': processes.checkpoint_digest(checkpoint_path, resume=plan.outputs.resume)},
+      fixes=processes.AGREEMENT_FIXES)
+  prepared = prepare(plan, contents=contents, styles=styles)
+  processes.check_agreement({'inputs': processes.inputs_digest(prepared.plan, prepared.batch)},
+                            fixes=processes.AGREEMENT_FIXES)
+  return prepared
+
+
 def run(plan: plan_lib.Plan, workdir: str | None, *, contents: Sequence[inputs.Source] = (),
         styles: Sequence[inputs.Source] = ()) -> Result:
   """Stylises as the plan says; writes everything into ``workdir`` (None: nothing is written).
@@ -292,14 +307,7 @@ def run(plan: plan_lib.Plan, workdir: str | None, *, contents: Sequence[inputs.S
   configure_jax(plan.outputs, plan.devices)
   if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.UserError(f'--workdir {workdir!r} exists and is not a directory; choose another')
-  checkpoint_path = None if workdir is None else os.path.join(workdir, CHECKPOINT)
-  processes.check_agreement(
-      {'settings': processes.settings_digest(plan),
-       'checkpoint': processes.checkpoint_digest(checkpoint_path, resume=plan.outputs.resume)},
-      fixes=processes.AGREEMENT_FIXES)
-  prepared = prepare(plan, contents=contents, styles=styles)  # before the workdir is created
-  processes.check_agreement({'inputs': processes.inputs_digest(prepared.plan, prepared.batch)},
-                            fixes=processes.AGREEMENT_FIXES)
+  prepared = _prepare_alike(plan, workdir, contents=contents, styles=styles)
   writes = processes.writes_files()
   if workdir is not None and writes:
     files.ensure_directory(workdir)

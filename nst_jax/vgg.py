@@ -146,6 +146,15 @@ def preprocess(image: jax.Array, net: Mapping) -> jax.Array:
   return (image - net['mean_rgb']) / net['std_rgb']
 
 
+def _blocks(names: Sequence[str]) -> list[list[str]]:
+  """The layers grouped by block (block1_conv1, ... block1_pool), so each block can be
+  rematerialised as a unit."""
+  blocks: dict[str, list[str]] = {}
+  for name in names:
+    blocks.setdefault(name.split('_')[0], []).append(name)
+  return list(blocks.values())
+
+
 def features(net: Mapping, image: jax.Array, *, layers: Sequence[str], network: str = 'vgg19',
              pooling: str = 'max', remat: bool = False,
              compute_dtype: jnp.dtype = jnp.float32,
@@ -181,13 +190,8 @@ def features(net: Mapping, image: jax.Array, *, layers: Sequence[str], network: 
   clip = boundary or (lambda x, stride: x)
   x = clip(preprocess(image, net)[None].astype(compute_dtype), 1)
 
-  # Group the layers needed into blocks so each block can be rematerialised as a unit.
-  blocks: dict[str, list[str]] = {}
-  for name in order[:last + 1]:
-    blocks.setdefault(name.split('_')[0], []).append(name)
-
   outputs = {}
-  for block_layers in blocks.values():
+  for block_layers in _blocks(order[:last + 1]):
 
     def run_block(x, block_layers=tuple(block_layers)):
       taken = {}
