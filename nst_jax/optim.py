@@ -107,8 +107,11 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
     A transformation whose ``update(grad, state, params)`` returns the step to add to params.
   """
 
+  # 'float32' means full precision: the parameters' own dtype (float64 under jax_enable_x64).
+  storage = lambda params: params.dtype if history_dtype == 'float32' else jnp.dtype(history_dtype)
+
   def init(params):
-    zeros = jnp.zeros((memory_size,) + params.shape, history_dtype)
+    zeros = jnp.zeros((memory_size,) + params.shape, storage(params))
     return FixedStepLbfgsState(
         count=jnp.zeros((), jnp.int32), head=jnp.zeros((), jnp.int32),
         valid=jnp.zeros(memory_size, bool), s=zeros, y=zeros,
@@ -116,7 +119,7 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
         previous_params=params, previous_grad=jnp.zeros_like(params))
 
   def update(grad, state, params=None):
-    stored = lambda x: x.astype(history_dtype).astype(params.dtype)  # identity for float32
+    stored = lambda x: x.astype(storage(params)).astype(params.dtype)  # identity for float32
     s_new = stored(params - state.previous_params)
     y_new = stored(grad - state.previous_grad)
     ys = jnp.vdot(y_new, s_new)
