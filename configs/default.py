@@ -180,7 +180,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Devices ------------------------------------------------------------------------------
   # How several devices share a run: 'batch' (the N problems split across devices) or 'space'
-  # (every image's rows split across all devices: one large image over several accelerators).
+  # (every image's rows split evenly across all devices, with its L-BFGS history: one large image
+  # over several accelerators). For space, each scale's height should be a multiple of the device
+  # count (otherwise that scale stays whole on every device, said once); not with
+  # parameterization=laplacian.
   config.shard = 'batch'
   # Several processes (hosts): call jax.distributed.initialize() first, so the batch is sharded
   # over every process's devices; only process 0 writes files and prints progress (README).

@@ -85,6 +85,16 @@ def lbfgs_table() -> None:
             flush=True)
 
 
+#: (label, config overrides) of the `largest` table's rows.
+LARGEST_SETTINGS = (
+    ('plain', {}), ('remat', {'remat': True}), ('bfloat16', {'compute_dtype': 'bfloat16'}),
+    ('history 10', {'memory_size': 10}),
+    ('hist10+remat+bf16', {'memory_size': 10, 'remat': True, 'compute_dtype': 'bfloat16'}),
+    ('hist10, bf16 history', {'memory_size': 10, 'history_dtype': 'bfloat16'}),
+    ('hist10, bf16 history, 512 px tiles', {'memory_size': 10, 'history_dtype': 'bfloat16',
+                                            'tile_size': 512}))
+
+
 def largest_table() -> None:
   import jax
   import jax.numpy as jnp
@@ -95,11 +105,7 @@ def largest_table() -> None:
   print(f'\n== largest square image whose L-BFGS chunk XLA plans within {FLAGS.memory_gib} GiB ==')
   # The L-BFGS history (2 x memory_size images) dominates large images: the image gradient needs
   # no stored conv inputs (weights are constants), so activations are small.
-  for name, overrides in (('plain', {}), ('remat', {'remat': True}),
-                          ('bfloat16', {'compute_dtype': 'bfloat16'}),
-                          ('history 10', {'memory_size': 10}),
-                          ('hist10+remat+bf16', {'memory_size': 10, 'remat': True,
-                                                 'compute_dtype': 'bfloat16'})):
+  for name, overrides in LARGEST_SETTINGS:
     prepared, _, _ = measure.setup(64, **overrides)
 
     # Targets are computed once at 64 px; for the plan only their shapes matter, and only the
@@ -128,4 +134,4 @@ def largest_table() -> None:
         low = middle
       else:
         high = middle
-    print(f'{name:>10}: {low} x {low} px ({measure.gib(planned(low))} planned)', flush=True)
+    print(f'{name:>34}: {low} x {low} px ({measure.gib(planned(low))} planned)', flush=True)
