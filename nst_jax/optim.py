@@ -43,12 +43,33 @@ class FixedStepLbfgsState(NamedTuple):
   count: jax.Array            # steps taken
   head: jax.Array             # next slot to write
   valid: jax.Array            # (memory,) which slots hold a pair
-  s: jax.Array                # (memory, *shape) parameter differences
+  s: jax.Array                # (memory, *shape) parameter differences (see _narrow)
   y: jax.Array                # (memory, *shape) gradient differences
   rho: jax.Array              # (memory,) 1 / yᵀs
   gamma: jax.Array            # initial inverse-Hessian scale yᵀs / yᵀy of the newest pair
   previous_params: jax.Array
   previous_grad: jax.Array
+
+
+def _narrow(x: jax.Array, storage: jnp.dtype) -> jax.Array:
+  """``x`` as the history stores it: its own dtype, or bfloat16's 16 bits in a uint16.
+
+  The bits, not a bfloat16 array: XLA moves a bfloat16 -> float32 convert out of the two-loop
+  recursion's loops and widens the whole history at once, a float32 copy of it (measured: 2 x
+  memory_size images more at every size), which is the memory bfloat16 storage is there to save.
+  Widening bits by a shift (:func:`_widen`) is not a convert, and stays one row at a time.
+  """
+  if storage != jnp.uint16:
+    return x.astype(storage)
+  return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+
+
+def _widen(row: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """The float ``dtype`` value of a history row stored by :func:`_narrow` (exact)."""
+  if row.dtype != jnp.uint16:
+    return row.astype(dtype)
+  bits = row.astype(jnp.uint32) << 16  # bfloat16 is float32's upper half
+  return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
 
 
 def _two_loop_direction(grad: jax.Array, s_memory: jax.Array, y_memory: jax.Array, *,
@@ -73,8 +94,8 @@ def _two_loop_direction(grad: jax.Array, s_memory: jax.Array, y_memory: jax.Arra
   newest_first = (head - 1 - jnp.arange(memory_size)) % memory_size
 
   # A bfloat16 history is widened one pair at a time: dot products and updates stay float32.
-  s_at = lambda index: s_memory[index].astype(grad.dtype)
-  y_at = lambda index: y_memory[index].astype(grad.dtype)
+  s_at = lambda index: _widen(s_memory[index], grad.dtype)
+  y_at = lambda index: _widen(y_memory[index], grad.dtype)
 
   def backward(q, index):
     alpha = jnp.where(valid[index], rho[index] * jnp.vdot(s_at(index), q), 0.0)
@@ -99,16 +120,18 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
   Args:
     memory_size: number of (s, y) pairs kept.
     learning_rate: the step (torch's ``lr``); the first step is ``min(1, 1/|g|₁) * lr``.
-    history_dtype: how the (s, y) pairs are stored: 'float32', or 'bfloat16' (half the memory;
-      each pair is rounded once, and yᵀs, the acceptance rule and the recursion use the rounded
-      pair widened to float32, so the inverse-Hessian estimate stays consistent).
+    history_dtype: how the (s, y) pairs are stored: 'float32', or 'bfloat16' (half the memory,
+      kept as bfloat16 bits in uint16 arrays; each pair is rounded once, and yᵀs, the acceptance
+      rule and the recursion use the rounded pair widened to float32, so the inverse-Hessian
+      estimate stays consistent).
 
   Returns:
     A transformation whose ``update(grad, state, params)`` returns the step to add to params.
   """
 
-  # 'float32' means full precision: the parameters' own dtype (float64 under jax_enable_x64).
-  storage = lambda params: params.dtype if history_dtype == 'float32' else jnp.dtype(history_dtype)
+  # 'float32' means full precision: the parameters' own dtype (float64 under jax_enable_x64);
+  # 'bfloat16' is stored as its bits (see _narrow).
+  storage = lambda params: params.dtype if history_dtype == 'float32' else jnp.dtype(jnp.uint16)
 
   def init(params):
     zeros = jnp.zeros((memory_size,) + params.shape, storage(params))
@@ -119,7 +142,7 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
         previous_params=params, previous_grad=jnp.zeros_like(params))
 
   def update(grad, state, params=None):
-    stored = lambda x: x.astype(storage(params)).astype(params.dtype)  # identity for float32
+    stored = lambda x: _widen(_narrow(x, storage(params)), params.dtype)  # float32: identity
     s_new = stored(params - state.previous_params)
     y_new = stored(grad - state.previous_grad)
     ys = jnp.vdot(y_new, s_new)
@@ -129,7 +152,8 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
     # selecting between two whole buffers would copy the history every step.
     put = lambda buffer, value: buffer.at[head].set(
         jnp.where(accept, jnp.asarray(value, buffer.dtype), buffer[head]))
-    s_memory, y_memory = put(state.s, s_new), put(state.y, y_new)
+    s_memory = put(state.s, _narrow(s_new, state.s.dtype))
+    y_memory = put(state.y, _narrow(y_new, state.y.dtype))
     rho = put(state.rho, 1.0 / jnp.where(accept, ys, 1.0))
     valid = put(state.valid, True)
     gamma = jnp.where(accept, ys / jnp.vdot(y_new, y_new), state.gamma)
@@ -265,15 +289,19 @@ def step(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransformatio
 def run_chunk(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransformationExtraArgs,
               linesearch: bool, length: int, active: jax.Array, stochastic: bool = False
               ) -> tuple[dict, jax.Array]:
-  """Runs ``length`` steps under ``lax.scan``; steps at or past ``active`` leave the state unchanged
-  and report NaN.
+  """Takes ``min(active, length)`` steps in one ``lax.while_loop``; the losses of steps not taken
+  are NaN.
+
+  A loop whose trip count is traced, rather than a ``lax.scan`` of ``length`` steps each behind a
+  ``lax.cond``: XLA copies the whole state into and out of a conditional, which at large sizes
+  was a second L-BFGS history (2 x memory_size images) of temporary memory.
 
   Args:
     state: from :func:`init_state`.
     loss_fn: image -> scalar loss.
     optimizer: from :func:`make`.
     linesearch: :func:`uses_linesearch` of the optimiser.
-    length: static number of steps in the scan.
+    length: static number of steps in the chunk (the losses' length).
     active: traced number of steps to really take (<= length).
     stochastic: ``loss_fn`` takes the step counter (:func:`step`).
 
@@ -281,16 +309,16 @@ def run_chunk(state: dict, *, loss_fn: LossFn, optimizer: optax.GradientTransfor
     The new state and the per-step losses (length,).
   """
 
-  def body(carry, index):
-    def take(carry):
-      return step(carry, loss_fn=loss_fn, optimizer=optimizer, linesearch=linesearch,
-                  stochastic=stochastic)
+  def body(carry):
+    index, state, losses = carry
+    state, value = step(state, loss_fn=loss_fn, optimizer=optimizer, linesearch=linesearch,
+                        stochastic=stochastic)
+    return index + 1, state, losses.at[index].set(value.astype(losses.dtype))
 
-    def skip(carry):
-      return carry, jnp.full((), jnp.nan, jnp.float32)
-
-    # The predicate must not depend on batched values: under vmap a batched predicate turns the
-    # cond into a select of both branches over the whole state, every step.
-    return jax.lax.cond(index < active, take, skip, carry)
-
-  return jax.lax.scan(body, state, jnp.arange(length))
+  # The predicate must not depend on batched values: under vmap a batched predicate makes every
+  # problem run until the longest is done, selecting between old and new states each step.
+  steps = jnp.minimum(active, length)
+  losses = jnp.full((length,), jnp.nan, jnp.float32)
+  _, state, losses = jax.lax.while_loop(lambda carry: carry[0] < steps, body,
+                                        (jnp.zeros((), jnp.int32), state, losses))
+  return state, losses

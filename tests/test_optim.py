@@ -46,13 +46,32 @@ def test_lbfgs_fixed_bfloat16_history_halves_its_memory_and_still_converges():
   state, _ = run('lbfgs_fixed', 400, 100, history_dtype='bfloat16')
   history = state['opt_state']
   leaves = [leaf for leaf in jax.tree.leaves(history) if leaf.ndim >= 2]
-  assert leaves and all(leaf.dtype == jnp.bfloat16 for leaf in leaves)  # the (s, y) buffers
+  # The (s, y) buffers: bfloat16 bits (uint16), two bytes a value.
+  assert leaves and all(leaf.dtype == jnp.uint16 for leaf in leaves)
   full, _ = run('lbfgs_fixed', 400, 100)
   early = [run('lbfgs_fixed', 20, 100, **kwargs)[0]['image']
            for kwargs in ({}, {'history_dtype': 'bfloat16'})]
   assert not np.array_equal(*early)  # the rounding is really there on the way
   # Rounded pairs still give a consistent quasi-Newton model: the same minimum, looser.
   np.testing.assert_allclose(state['image'], full['image'], atol=2e-3)
+
+
+@pytest.mark.parametrize('history_dtype', ['float32', 'bfloat16'])
+def test_a_compiled_chunk_keeps_one_history_only(history_dtype):
+  # XLA's plan of a batched, donated chunk: its temporaries must not hold a second history. Two
+  # ways they did, both measured: a lax.cond per step (steps past `active`) copied the whole
+  # state, and a bfloat16 history was widened to float32 all at once, out of the two-loop.
+  memory_size, shape = 20, (1, 64, 64, 3)
+  optimizer = optim.make('lbfgs_fixed', memory_size=memory_size, history_dtype=history_dtype)
+  loss = lambda x: jnp.sum(jnp.sin(x) ** 2)
+  chunk = jax.jit(lambda state, active: jax.vmap(lambda one: optim.run_chunk(
+      one, loss_fn=loss, optimizer=optimizer, linesearch=False, length=5, active=active))(state),
+                  donate_argnums=0)
+  state = jax.eval_shape(lambda: jax.vmap(lambda x: optim.init_state(optimizer, x))(
+      jnp.zeros(shape)))
+  temporary = chunk.lower(state, jnp.int32(5)).compile().memory_analysis().temp_size_in_bytes
+  history = 2 * memory_size * np.prod(shape) * (2 if history_dtype == 'bfloat16' else 4)
+  assert temporary < 0.5 * history, (temporary, history)
 
 
 class TorchLbfgsMaxIter1:
