@@ -368,6 +368,10 @@ def optimize(task: Task, saving: Saving, *, progress: report.Progress | None = N
   done_before += sum(steps[:start_scale])
   final_sizes = _final_term_sizes(task)
   previous = None
+  if task.shard == devices.SPACE_AXIS and task.program.network.tile_size and progress:
+    progress.message('shard=space with tiles: the images and the L-BFGS history stay split by '
+                     'rows, but every device evaluates every tile (memory per device is split, '
+                     'the time is not)')
   for scale in range(start_scale, len(task.sizes)):
     height = task.sizes[scale][0]
     if task.shard == devices.SPACE_AXIS and not devices.splits_rows(height) and progress:

@@ -129,8 +129,7 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
     A transformation whose ``update(grad, state, params)`` returns the step to add to params.
   """
 
-  # 'float32' means full precision: the parameters' own dtype (float64 under jax_enable_x64);
-  # 'bfloat16' is stored as its bits (see _narrow).
+  # 'float32': the parameters' own dtype (float64 under x64); 'bfloat16': its bits (_narrow).
   storage = lambda params: params.dtype if history_dtype == 'float32' else jnp.dtype(jnp.uint16)
 
   def init(params):

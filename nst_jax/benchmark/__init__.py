@@ -6,6 +6,7 @@ r"""Speed, memory and quality figures of nst_jax, optionally side by side with p
   python -m nst_jax.benchmark --torch_python=/path/to/venv/bin/python --e2e   # against pastiche
   python -m nst_jax.benchmark --sections=none --style_losses --style_dir=runs/styles
   python -m nst_jax.benchmark --sections=space --space_px=512 --space_devices=4   # shard=space
+  python -m nst_jax.benchmark --sections=large --large_sizes=2048,4096 --large_tiles=0,512
 
 The loss is pastiche's (configs/pastiche.py, loaded as a config file), so both sides do the same
 work. The entry point asks XLA for its memory-optimised CPU scheduler before JAX starts
@@ -34,6 +35,10 @@ work. The entry point asks XLA for its memory-optimised CPU scheduler before JAX
   --space_px and the seconds per step. Measured at 512 px on a 2-core CPU (--chunk=2): 1336 MiB
   planned for one device, 418 MiB per device over 4 (0.31x); 10.1 and 10.5 s per step (the 4
   host devices share the same 2 cores: space saves memory per device, not time, here).
+* large: one L-BFGS step of pastiche's loss (history --large_history) at each of --large_sizes,
+  untiled and with each of --large_tiles, each row in a fresh subprocess: XLA's planned memory,
+  compile seconds, seconds for the step, the process's peak resident memory after setup and after
+  the step; rows planned over --memory_gib are reported and not run.
 * e2e (--e2e): nst_jax at --e2e_px: a single scale of --e2e_steps steps; 2 scales (from half the
   size) and 3 scales (from a quarter), each coarser scale running --e2e_steps // 8 steps (25 at
   the default 200) and each finer one starting from the upsampled coarser result plus the
@@ -58,6 +63,7 @@ importing the package defines no flags (only ``cli.run()`` does):
 * ``torch_side``: runs nst_jax/torch_reference.py under --torch_python; ``lbfgs_torch_table``.
 * ``tables``: the step, variants, batch, lbfgs and largest tables.
 * ``space``: the space table; run as a program, the measurement of one side.
+* ``large``: the large table; run as a program, the measurement of one row.
 * ``e2e``: the end-to-end comparison.
 * ``style_losses``: the style-loss comparison (reuses ``e2e``'s timed run).
 * ``cli``: flags, their checks, ``main`` and ``run``; ``__main__`` runs it.

@@ -16,6 +16,7 @@ from absl import flags
 
 from nst_jax import errors
 from nst_jax.benchmark import e2e
+from nst_jax.benchmark import large
 from nst_jax.benchmark import measure
 from nst_jax.benchmark import space
 from nst_jax.benchmark import style_losses
@@ -23,7 +24,8 @@ from nst_jax.benchmark import tables
 from nst_jax.benchmark import torch_side
 
 FLAGS = flags.FLAGS
-SECTIONS = ('step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch', 'space', 'none')
+SECTIONS = ('step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch', 'space', 'large',
+            'none')
 #: The repository root (configs/pastiche.py imports `configs.default` from it).
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,6 +62,10 @@ def _define_flags(module_name: str) -> None:
                        **key)
   flags.DEFINE_integer('space_devices', 4, 'Devices the space table splits the rows over (host '
                        'devices forced on a CPU).', **key)
+  flags.DEFINE_list('large_sizes', ['2048', '4096'], 'Square sizes of the large table.', **key)
+  flags.DEFINE_list('large_tiles', ['0', '512'], 'Tile sizes of the large table (0: untiled).',
+                    **key)
+  flags.DEFINE_integer('large_history', 10, 'L-BFGS memory_size in the large table.', **key)
   flags.DEFINE_float('peak_tflops', 0.0, 'Chip peak float32 TFLOP/s for utilisation (GPU).',
                      **key)
   flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch'],
@@ -67,7 +73,7 @@ def _define_flags(module_name: str) -> None:
 
 
 def _check_flags() -> None:
-  for name in ('sizes', 'batches'):
+  for name in ('sizes', 'batches', 'large_sizes'):
     values = getattr(FLAGS, name)
     if not all(v.strip().isdigit() and int(v) > 0 for v in values):
       raise errors.UserError(f'--{name}={",".join(values)} must be positive integers, e.g. '
@@ -89,6 +95,9 @@ def _check_flags() -> None:
   if FLAGS.e2e and FLAGS.e2e_steps < 8:
     raise errors.UserError(f'--e2e_steps={FLAGS.e2e_steps} must be at least 8 (coarser scales '
                            'run an eighth as many)')
+  if not all(v.strip().isdigit() for v in FLAGS.large_tiles):
+    raise errors.UserError(f'--large_tiles={",".join(FLAGS.large_tiles)} must be tile sizes in px '
+                           '(0: untiled), e.g. 0,512')
   unknown = set(FLAGS.sections) - set(SECTIONS)
   if unknown:
     raise errors.UserError(f'unknown --sections {sorted(unknown)}; choose from '
@@ -107,7 +116,7 @@ def main(argv) -> None:
   sections = {'lbfgs_torch': torch_side.lbfgs_torch_table, 'step': tables.step_table,
               'variants': tables.variants_table, 'batch': tables.batch_table,
               'lbfgs': tables.lbfgs_table, 'largest': tables.largest_table,
-              'space': space.space_table}
+              'space': space.space_table, 'large': large.large_table}
   with tempfile.TemporaryDirectory() as directory:
     for name, table in sections.items():
       if name in FLAGS.sections:
