@@ -141,9 +141,10 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
         previous_params=params, previous_grad=jnp.zeros_like(params))
 
   def update(grad, state, params=None):
-    stored = lambda x: _widen(_narrow(x, storage(params)), params.dtype)  # float32: identity
-    s_new = stored(params - state.previous_params)
-    y_new = stored(grad - state.previous_grad)
+    # The pair as the buffers store it, and its value (float32: the pair itself).
+    s_kept = _narrow(params - state.previous_params, state.s.dtype)
+    y_kept = _narrow(grad - state.previous_grad, state.y.dtype)
+    s_new, y_new = _widen(s_kept, params.dtype), _widen(y_kept, params.dtype)
     ys = jnp.vdot(y_new, s_new)
     accept = (state.count > 0) & (ys > 1e-10)
     head = state.head
@@ -151,8 +152,7 @@ def scale_by_fixed_step_lbfgs(memory_size: int = 100, learning_rate: float = 1.0
     # selecting between two whole buffers would copy the history every step.
     put = lambda buffer, value: buffer.at[head].set(
         jnp.where(accept, jnp.asarray(value, buffer.dtype), buffer[head]))
-    s_memory = put(state.s, _narrow(s_new, state.s.dtype))
-    y_memory = put(state.y, _narrow(y_new, state.y.dtype))
+    s_memory, y_memory = put(state.s, s_kept), put(state.y, y_kept)
     rho = put(state.rho, 1.0 / jnp.where(accept, ys, 1.0))
     valid = put(state.valid, True)
     gamma = jnp.where(accept, ys / jnp.vdot(y_new, y_new), state.gamma)

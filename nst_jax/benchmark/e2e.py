@@ -34,19 +34,18 @@ def _span(scales: int) -> str:
 def _e2e_settings(with_torch: bool) -> list[tuple[str, dict]]:
   """(label, config overrides) of the nst_jax settings; the single scale first.
 
-  The coarser scales run --e2e_steps // 8 steps each (25 at the default 200), and a 2-scale
-  setting --e2e_steps // 20 (at least 1; 10: the one measured no worse on both distances at 256 px, README
-  "Measured"). Finer scales start
-  from the upsampled coarser result plus the content's lost detail (scale_content_detail, the
-  default) unless the setting says plain upsampling.
+  The coarser scales run --e2e_steps // 8 steps each (25 at the default 200), and one 2-scale
+  setting --e2e_steps // 20 (at least 1; 10: the one measured no worse on both distances at
+  256 px, README "Measured"). Finer scales start from the upsampled coarser result plus the
+  content's lost detail (scale_content_detail, the default) unless the setting says plain
+  upsampling.
   """
-  coarse = FLAGS.e2e_steps // 8
+  coarse, few = FLAGS.e2e_steps // 8, max(1, FLAGS.e2e_steps // 20)
   two = {'scales': 2, 'scale_factor': 2.0, 'coarse_steps': coarse}
   three = {'scales': 3, 'scale_factor': 2.0, 'coarse_steps': coarse}
   settings = [('single scale', {}),
               (f'2 scales ({_span(2)}), {coarse} coarse steps', two),
-              (f'2 scales, {max(1, FLAGS.e2e_steps // 20)} coarse steps',
-               dict(two, coarse_steps=max(1, FLAGS.e2e_steps // 20))),
+              (f'2 scales, {few} coarse steps', dict(two, coarse_steps=few)),
               ('2 scales, plain upsampling', dict(two, scale_content_detail=False)),
               (f'3 scales ({_span(3)}), {coarse} coarse steps', three)]
   if with_torch:

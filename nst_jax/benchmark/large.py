@@ -12,9 +12,6 @@ is untiled) and after the step.
 from __future__ import annotations
 
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
 
@@ -23,10 +20,6 @@ from absl import flags
 from nst_jax.benchmark import measure
 
 FLAGS = flags.FLAGS
-
-
-def _peak_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def measure_here(px: int, *, tile_size: int, memory_size: int, memory_gib: float) -> dict:
@@ -43,7 +36,7 @@ def measure_here(px: int, *, tile_size: int, memory_size: int, memory_gib: float
   targets = jax.device_put(prepared.scale_targets(px, px))
   state = loop.initial_state(jnp.asarray(prepared.start_images(px, px)), prepared.net, targets,
                              program=prepared.program)
-  setup_rss = _peak_rss_bytes()
+  setup_rss = measure.peak_rss_bytes()
   start = time.perf_counter()
   compiled = loop.optimize_chunk.lower(state, jnp.int32(1), prepared.net, targets,
                                        program=prepared.program).compile()
@@ -57,7 +50,7 @@ def measure_here(px: int, *, tile_size: int, memory_size: int, memory_gib: float
   start = time.perf_counter()
   state, losses = compiled(state, jnp.int32(1), prepared.net, targets)
   jax.block_until_ready(losses)
-  row.update(step_s=time.perf_counter() - start, peak_rss_bytes=_peak_rss_bytes(),
+  row.update(step_s=time.perf_counter() - start, peak_rss_bytes=measure.peak_rss_bytes(),
              finite=bool(jnp.isfinite(losses[0, 0])))
   return row
 
@@ -65,14 +58,9 @@ def measure_here(px: int, *, tile_size: int, memory_size: int, memory_gib: float
 def measure_in_subprocess(px: int, *, tile_size: int, memory_size: int,
                           memory_gib: float) -> dict:
   """:func:`measure_here` in a fresh Python, so its peak resident memory is its own."""
-  arguments = json.dumps({'px': px, 'tile_size': tile_size, 'memory_size': memory_size,
-                          'memory_gib': memory_gib})
-  result = subprocess.run([sys.executable, '-m', 'nst_jax.benchmark.large', arguments],
-                          capture_output=True, text=True, check=False,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-  if result.returncode:
-    raise RuntimeError(f'the {px} px measurement failed:\n{result.stderr[-3000:]}')
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return measure.module_in_subprocess(
+      'nst_jax.benchmark.large', {'px': px, 'tile_size': tile_size, 'memory_size': memory_size,
+                                  'memory_gib': memory_gib}, what=f'{px} px')
 
 
 def large_table() -> None:

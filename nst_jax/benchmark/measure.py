@@ -213,9 +213,29 @@ def measure_step(size: int, *, batch: int = 1, memory: bool = False, **overrides
           'planned_bytes': planned, 'temp_bytes': temp, 'peak_bytes': peak, 'flops': flops}
 
 
-def peak_rss_gib() -> float:
+def peak_rss_bytes() -> int:
+  """The process's peak resident memory so far (Linux reports kB)."""
   import resource
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_gib() -> float:
+  return peak_rss_bytes() / 2**30
+
+
+def module_in_subprocess(module: str, arguments: dict, *, what: str,
+                         env: dict | None = None) -> dict:
+  """Runs ``python -m module '<arguments as JSON>'`` in a fresh Python at the repository root and
+  returns the JSON object its last line prints; ``what`` names the measurement in the error."""
+  import json
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, '-m', module, json.dumps(arguments)], env=env,
+                          capture_output=True, text=True, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  if result.returncode:
+    raise RuntimeError(f'the {what} measurement failed:\n{result.stderr[-3000:]}')
+  return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def gib(n: int) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 from absl import flags
@@ -106,13 +105,9 @@ def measure_in_subprocess(px: int, *, device_count: int, chunk: int, repeats: in
   flags_now = env.get('XLA_FLAGS', '')
   if device_count > 1:
     env['XLA_FLAGS'] = f'{flags_now} {FORCE_DEVICES.format(count=device_count)}'.strip()
-  arguments = json.dumps({'px': px, 'chunk': chunk, 'repeats': repeats})
-  result = subprocess.run([sys.executable, '-m', 'nst_jax.benchmark.space', arguments],
-                          env=env, capture_output=True, text=True, check=False,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-  if result.returncode:
-    raise RuntimeError(f'the {device_count}-device measurement failed:\n{result.stderr[-3000:]}')
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return measure.module_in_subprocess(
+      'nst_jax.benchmark.space', {'px': px, 'chunk': chunk, 'repeats': repeats}, env=env,
+      what=f'{device_count}-device')
 
 
 def space_table() -> None:
