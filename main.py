@@ -4,6 +4,9 @@ r"""Neural style transfer from the command line.
   python main.py --workdir=runs/mine --config.content_image=photo.jpg \
       --config.style_images=painting.jpg --config.size=512
   python main.py --config=configs/tf_tutorial.py   # a preset (see configs/)
+  python main.py --config=configs/fast_train.py --workdir=runs/fast   # train a fast network
+  python main.py --config=configs/fast_apply.py --config.model=runs/fast/model.msgpack \
+      --config.content_image=photo.jpg --workdir=runs/fast_out       # and apply it
 
 Every setting is a field of the config file (configs/default.py lists and explains them all),
 overridable as --config.FIELD=VALUE.
@@ -25,6 +28,9 @@ from nst_jax import pipeline
 from nst_jax import plan as plan_lib
 from nst_jax import processes
 from nst_jax import xla_flags
+from nst_jax.fast import apply as fast_apply
+from nst_jax.fast import settings as fast_settings
+from nst_jax.fast import train as fast_train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
                                'default.py')
@@ -84,6 +90,17 @@ def _out_of_memory(plan: plan_lib.Plan, exc: BaseException) -> str:
   return f'out of memory (XLA RESOURCE_EXHAUSTED) stylising {what}; use {levers}'
 
 
+def _run_fast(mode: str, config) -> None:
+  """configs/fast_train.py and configs/fast_apply.py (nst_jax.fast)."""
+  if mode == 'fast_apply':
+    fast_apply.run(fast_settings.apply_plan(config), _WORKDIR.value)
+    return
+  try:
+    fast_train.run(fast_settings.train_plan(config), _WORKDIR.value)
+  except fast_train.Stopped as stopped:
+    sys.exit(128 + stopped.signal_number)
+
+
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
@@ -105,6 +122,10 @@ def main(argv):
     config.keys()  # a --config file that failed to load raises here
   except OSError as exc:
     _config_error(exc)
+  mode = fast_settings.mode(config)
+  if mode != 'optimize':
+    _run_fast(mode, config)
+    return
   plan = plan_lib.from_config(config)  # every field checked: one line for a bad one
   if plan.devices.distributed:
     pipeline.configure_jax(plan.outputs, plan.devices)  # joins the other processes

@@ -7,12 +7,10 @@ last good image, keep a checkpoint to resume from) and the one-program-per-conte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ from nst_jax import plan as plan_lib
 from nst_jax import problem
 from nst_jax import processes
 from nst_jax import report
+from nst_jax import runtime
 from nst_jax import tiling
 from nst_jax import vgg
 from nst_jax import weights
@@ -89,15 +88,7 @@ def configure_jax(outputs_plan: plan_lib.OutputPlan, devices_plan: plan_lib.Devi
   """
   if devices_plan.distributed and not jax.distributed.is_initialized():
     processes.join(devices_plan)
-  if outputs_plan.compilation_cache:
-    cache = os.path.expanduser(outputs_plan.compilation_cache)
-    try:
-      os.makedirs(cache, exist_ok=True)
-    except OSError:
-      return  # an unwritable cache only costs compile time
-    jax.config.update('jax_compilation_cache_dir', cache)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  runtime.use_compilation_cache(outputs_plan.compilation_cache)
 
 
 #: The shortest L-BFGS history chosen automatically when the configured one would not fit.
@@ -153,45 +144,6 @@ def prepare(plan: plan_lib.Plan, *, contents: Sequence[inputs.Source] = (),
   return Prepared(plan=plan, batch=batch, net=net, program=program, memory_note=memory_note)
 
 
-@contextlib.contextmanager
-def _stop_requests() -> Iterator[list[int]]:
-  """Turns the first SIGINT/SIGTERM into a request to stop after the current chunk."""
-  requested: list[int] = []
-  previous = {}
-
-  def handler(signal_number, frame):
-    requested.append(signal_number)
-    # A second Ctrl-C interrupts at once (the last good image is still written by `run`).
-    signal.signal(signal_number, previous[signal_number])
-
-  try:
-    for number in (signal.SIGINT, signal.SIGTERM):
-      previous[number] = signal.signal(number, handler)
-  except ValueError:  # not the main thread: no signal handling
-    pass
-  try:
-    yield requested
-  finally:
-    for number, old in previous.items():
-      signal.signal(number, old)
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-  """Ignores SIGINT/SIGTERM while the final images are written (main thread only)."""
-  previous = {}
-  try:
-    for number in (signal.SIGINT, signal.SIGTERM):
-      previous[number] = signal.signal(number, signal.SIG_IGN)
-  except ValueError:  # not the main thread
-    pass
-  try:
-    yield
-  finally:
-    for number, old in previous.items():
-      signal.signal(number, old)
-
-
 def _tagged(name: str, tag: str) -> str:
   stem, extension = os.path.splitext(name)
   return f'{stem}{tag}{extension}'
@@ -244,7 +196,7 @@ def _optimize_groups(prepared: Prepared, groups, *, workdir: str | None, writes:
   step_metrics = None if not (keeps_files and plan.outputs.save_every) else outputs.StepMetrics(
       os.path.join(workdir, outputs.STEP_METRICS), resume=plan.outputs.resume,
       measure=outputs.Measurer(batch=prepared.batch, images_plan=plan.images))
-  with _stop_requests() as requested:
+  with runtime.stop_requests() as requested:
     for group_index, (indices, size) in enumerate(groups):
       tag = f'_{size[1]}x{size[0]}' if len(groups) > 1 else ''
       on_chunk = None if not keeps_files else outputs.intermediate_writer(
@@ -326,14 +278,14 @@ def run(plan: plan_lib.Plan, workdir: str | None, *, contents: Sequence[inputs.S
     results, records = _optimize_groups(prepared, groups, workdir=workdir, writes=writes,
                                         progress=progress)
   except (loop.Stopped, loop.NonFinite) as exc:
-    with _signals_ignored():  # a second Ctrl-C must not cut the last good image short
+    with runtime.signals_ignored():  # a second Ctrl-C must not cut the last good image short
       paths = write(exc.images, exc.records)
     if paths:
       progress.message(f'stopped ({exc}); last good image written to {paths[0]}; resume with '
                        '--config.resume=True' if isinstance(exc, loop.Stopped) else
                        f'last finite image written to {paths[0]}')
     raise
-  with _signals_ignored():
+  with runtime.signals_ignored():
     paths = write(results, records)
   progress.message(f'done in {time.perf_counter() - start:.1f} s'
                    + (f'; wrote {", ".join(paths)}' if paths else ''))

@@ -196,16 +196,20 @@ def _floats(text: str, *, field: str) -> list[float]:
     raise errors.UserError(f'--config.{field}={text!r} must be comma-separated numbers') from None
 
 
-def _check_choice(value: str, choices: Sequence[str], *, field: str) -> None:
+def check_choice(value: str, choices: Sequence[str], *, field: str) -> None:
   if value not in choices:
     raise errors.UserError(f'unknown {field} {value!r}; choose one of {", ".join(choices)}')
 
 
-def _entries(config) -> tuple[tuple[losses.Entry, ...], dict[str, float]]:
-  """The loss entries named in ``config.losses`` (zero-weight ones left out) and their weights."""
+def loss_entries(config) -> tuple[tuple[losses.Entry, ...], dict[str, float]]:
+  """The loss entries named in ``config.losses`` (zero-weight ones left out) and their weights.
+
+  Also used by the fast network's training config (:mod:`nst_jax.fast.settings`), which has the
+  same ``losses``, ``network`` and ``batch_over`` fields and no ``style_masks``.
+  """
   entries = []
   for name, entry in config.losses.items():
-    if float(entry.weight) == 0.0 and config.batch_over != f'{name}_weight':
+    if float(entry.weight) == 0.0 and config.get('batch_over') != f'{name}_weight':
       continue
     entries.append(losses.make_entry(
         name=name, term=entry.term, layers=tuple(entry.layers),
@@ -217,7 +221,7 @@ def _entries(config) -> tuple[tuple[losses.Entry, ...], dict[str, float]]:
                            '--config.style_weight')
   for entry in entries:
     vgg.check_layers(entry.layers, network=config.network)
-  if split(config.style_masks):
+  if split(config.get('style_masks', '')):
     for entry in entries:
       if entry.reference == 'style' and not losses.accepts_mask(entry):
         maskable = sorted(name for name, fn in losses.TERMS.items() if fn.reference == 'style'
@@ -237,7 +241,7 @@ def _images(config) -> ImagesPlan:
     raise errors.UserError(f'--config.size={config.size} is absurd (at most {MAX_SIZE})')
   if config.style_scale <= 0:
     raise errors.UserError(f'--config.style_scale={config.style_scale} must be positive')
-  _check_choice(config.preserve_color, color.MODES, field='preserve_color')
+  check_choice(config.preserve_color, color.MODES, field='preserve_color')
   contents = tuple(split(config.content_image)) or (config_files.example_path(config_files.DEFAULT_CONTENT),)
   if len(contents) > 1 and config.batch_over != 'content':
     raise errors.UserError('several content images need --config.batch_over=content')
@@ -265,25 +269,25 @@ def _images(config) -> ImagesPlan:
 
 
 def _network(config) -> NetworkPlan:
-  _check_choice(config.network, tuple(weights.CONV_SPECS), field='network')
-  _check_choice(config.pooling, vgg.POOLINGS, field='pooling')
-  _check_choice(config.compute_dtype, ('float32', 'bfloat16'), field='compute_dtype')
+  check_choice(config.network, tuple(weights.CONV_SPECS), field='network')
+  check_choice(config.pooling, vgg.POOLINGS, field='pooling')
+  check_choice(config.compute_dtype, ('float32', 'bfloat16'), field='compute_dtype')
   return NetworkPlan(name=config.network, weights_path=config.weights or '',
                      pooling=config.pooling, remat=bool(config.remat),
                      compute_dtype=config.compute_dtype, tile_size=int(config.tile_size))
 
 
 def _optimizer(config) -> OptimizerPlan:
-  _check_choice(config.optimizer, optim.OPTIMIZERS, field='optimizer')
+  check_choice(config.optimizer, optim.OPTIMIZERS, field='optimizer')
   if config.optimizer == 'lbfgs' and float(config.learning_rate) != 1.0:
     raise errors.UserError(
         f'--config.learning_rate={config.learning_rate} has no effect with optimizer=lbfgs (its '
         'line search chooses every step); leave it at 1, or use optimizer=lbfgs_fixed or adam')
   if config.chunk_size < 1:
     raise errors.UserError(f'--config.chunk_size={config.chunk_size} must be at least 1')
-  _check_choice(config.parameterization, parameterization.PARAMETERIZATIONS,
+  check_choice(config.parameterization, parameterization.PARAMETERIZATIONS,
                 field='parameterization')
-  _check_choice(config.history_dtype, HISTORY_DTYPES, field='history_dtype')
+  check_choice(config.history_dtype, HISTORY_DTYPES, field='history_dtype')
   if config.history_dtype != 'float32' and config.optimizer != 'lbfgs_fixed':
     raise errors.UserError(f'--config.history_dtype={config.history_dtype} needs '
                            '--config.optimizer=lbfgs_fixed (the only optimiser whose history it '
@@ -327,7 +331,7 @@ def _batch(config) -> BatchPlan:
 
 
 def _outputs(config) -> OutputPlan:
-  _check_choice(config.progress, report.PROGRESS_MODES, field='progress')
+  check_choice(config.progress, report.PROGRESS_MODES, field='progress')
   history = str(config.checkpoint_history).strip().lower()
   if history not in ('true', 'false', 'auto'):
     raise errors.UserError(f'--config.checkpoint_history={config.checkpoint_history!r} must be '
@@ -344,7 +348,7 @@ def _outputs(config) -> OutputPlan:
 
 
 def _devices(config) -> DevicesPlan:
-  _check_choice(config.shard, SHARD_MODES, field='shard')
+  check_choice(config.shard, SHARD_MODES, field='shard')
   if config.shard == 'space' and config.parameterization != 'pixels':
     raise errors.UserError(f'--config.shard=space splits the image\'s rows across devices, but '
                            f'parameterization={config.parameterization} optimises one flat vector '
@@ -366,10 +370,10 @@ def _devices(config) -> DevicesPlan:
                      num_processes=int(config.num_processes), process_id=int(config.process_id))
 
 
-def fingerprint(config) -> str:
+def fingerprint(config, *, leave_out: Sequence[str] = _NOT_FINGERPRINTED) -> str:
   """A short hash of every field that changes the result (checkpoints must match it)."""
   data = {key: value for key, value in json.loads(config.to_json_best_effort()).items()
-          if key not in _NOT_FINGERPRINTED}
+          if key not in leave_out}
   return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -382,7 +386,7 @@ def from_config(config) -> Plan:
   network = _network(config)
   optimizer = _optimizer(config)
   batch = _batch(config)
-  entries, entry_weights = _entries(config)
+  entries, entry_weights = loss_entries(config)
   tiling.check(entries, tile_size=network.tile_size, network=network.name)
   return Plan(images=_images(config), network=network, entries=entries,
               entry_weights=entry_weights, optimizer=optimizer, schedule=_schedule(config),

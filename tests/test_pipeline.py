@@ -292,7 +292,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_finite_image(tmp
 
 
 def test_a_second_ctrl_c_during_the_final_write_is_ignored(tmp_path, monkeypatch):
-  # run() writes the final images inside _signals_ignored: a Ctrl-C there must not interrupt.
+  # run() writes the final images inside runtime.signals_ignored: a Ctrl-C there must not interrupt.
   written = []
 
   def write(*args, **kwargs):
