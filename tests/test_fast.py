@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,36 @@ def test_the_downsampling_convolutions_halve_and_upsampling_is_a_resize():
   layer = network.ConvNorm(8, 3, stride=2)
   variables = layer.init(jax.random.key(0), jnp.zeros((1, 32, 24, 3)))
   assert layer.apply(variables, jnp.zeros((1, 32, 24, 3))).shape == (1, 16, 12, 8)
+
+
+@pytest.mark.parametrize('height, width, size, stride', [(17, 20, 3, 2), (16, 16, 3, 2),
+                                                          (20, 18, 9, 1)])
+def test_the_convolutions_gradients_equal_jaxs_own(height, width, size, stride):
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 3))
+  kernel = jax.random.normal(jax.random.key(1), (size, size, 3, 5))
+  dimensions = ('NHWC', 'HWIO', 'NHWC')
+  reference = lambda x, k: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+      x, k, (stride, stride), 'VALID', dimension_numbers=dimensions)))
+  ours = lambda x, k: jnp.sum(jnp.sin(network.conv(x, k, stride)))
+  np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-6)
+  for a, b in zip(jax.grad(ours, (0, 1))(x, kernel), jax.grad(reference, (0, 1))(x, kernel)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_training_in_a_loop_compiles_to_canonical_convolutions_only():
+  # XLA:CPU runs convolutions of other layouts ~8x slower; inside a loop it leaves JAX's own
+  # gradient convolutions in such layouts (see network.conv). Every convolution of a compiled
+  # scan of training steps must be NHWC x HWIO -> NHWC.
+  params = network.init_params(TINY, key=jax.random.key(0))
+  photos = jnp.ones((2, 16, 16, 3))
+  grad = jax.grad(lambda p: jnp.mean(TINY.module().apply({'params': p}, photos) ** 2))
+  scan = jax.jit(lambda p: jax.lax.scan(
+      lambda p, _: (jax.tree.map(lambda a, b: a - 1e-3 * b, p, grad(p)), None), p, None,
+      length=2)[0])
+  text = scan.lower(params).compile().as_text()
+  labels = re.findall(r' convolution\(.*?dim_labels=(\S+?)[,\s]', text)
+  assert len(labels) >= 3 * 6, labels  # forward, input and kernel gradients of every layer
+  assert set(labels) == {'b01f_01io->b01f'}, sorted(set(labels))
 
 
 def test_instance_norm_normalises_each_image_and_channel_over_its_positions():
