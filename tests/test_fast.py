@@ -406,3 +406,28 @@ def test_data_parallel_training_on_four_devices_equals_one_device(tmp_path):
   # step, so the tolerance is 5% of one step.
   for name, leaf in one['params'].items():
     np.testing.assert_allclose(four['params'][name], leaf, rtol=1e-3, atol=5e-5)
+
+
+def test_the_fast_benchmark_prints_training_stylising_and_the_comparison(tmp_path):
+  # Tiny: one 32 px training step, stylising at 256/512 px, the comparison at 64 px.
+  path = str(tmp_path / 'model.msgpack')
+  model_files.save(path, model_files.Model(
+      architecture=TINY, params=network.init_params(TINY, key=jax.random.key(3)),
+      style=os.path.join(os.path.dirname(data.HELD_OUT), 'starry_night.jpg'), size=32,
+      style_size=48, step=7))
+  done = subprocess.run(
+      [sys.executable, '-m', 'nst_jax.benchmark', '--sections=fast', '--fast_sizes=32',
+       '--chunk=1', '--repeats=1', f'--fast_model={path}', '--fast_px=64'],
+      cwd=_REPO, capture_output=True, text=True, timeout=900, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = done.stdout
+  assert re.search(r'32 px\s+\d+\.\d+ s/step', out), out
+  assert re.search(r'512 px\s+\d+\.\d+ s\n', out), out
+  assert 'trained 7 steps at 32 px' in out, out
+  rows = {line[:34].strip(): line[34:].split() for line in out.splitlines()
+          if line.startswith(('fast network', 'optimisation', 'the photo itself'))}
+  assert set(rows) == {'fast network (first call)', 'optimisation (default config)',
+                       'the photo itself'}, out
+  # The optimisation moves towards the style; the photo itself is at content distance 0.
+  assert float(rows['optimisation (default config)'][1]) < float(rows['the photo itself'][0])
+  assert float(rows['the photo itself'][1]) == 0.0

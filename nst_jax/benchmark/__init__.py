@@ -7,6 +7,7 @@ r"""Speed, memory and quality figures of nst_jax, optionally side by side with p
   python -m nst_jax.benchmark --sections=none --style_losses --style_dir=runs/styles
   python -m nst_jax.benchmark --sections=space --space_px=512 --space_devices=4   # shard=space
   python -m nst_jax.benchmark --sections=large --large_sizes=2048,4096 --large_tiles=0,512
+  python -m nst_jax.benchmark --sections=fast --fast_model=runs/fast/model.msgpack
 
 The loss is pastiche's (configs/pastiche.py, loaded as a config file), so both sides do the same
 work. The entry point asks XLA for its memory-optimised CPU scheduler before JAX starts
@@ -39,6 +40,9 @@ work. The entry point asks XLA for its memory-optimised CPU scheduler before JAX
   untiled and with each of --large_tiles, each row in a fresh subprocess: XLA's planned memory,
   compile seconds, seconds for the step, the process's peak resident memory after setup and after
   the step; rows planned over --memory_gib are reported and not run.
+* fast: the feed-forward network (nst_jax.fast): seconds per training step at --fast_sizes
+  (batch --fast_batch), seconds to stylise one 256 and one 512 px image; with --fast_model, its
+  result against the default optimisation on a photo it never saw (seconds, distances).
 * e2e (--e2e): nst_jax at --e2e_px: a single scale of --e2e_steps steps; 2 scales (from half the
   size) and 3 scales (from a quarter), each coarser scale running --e2e_steps // 8 steps (25 at
   the default 200) and each finer one starting from the upsampled coarser result plus the
@@ -64,6 +68,7 @@ importing the package defines no flags (only ``cli.run()`` does):
 * ``tables``: the step, variants, batch, lbfgs and largest tables.
 * ``space``: the space table; run as a program, the measurement of one side.
 * ``large``: the large table; run as a program, the measurement of one row.
+* ``fast``: the fast-stylisation table.
 * ``e2e``: the end-to-end comparison.
 * ``style_losses``: the style-loss comparison (reuses ``e2e``'s timed run).
 * ``cli``: flags, their checks, ``main`` and ``run``; ``__main__`` runs it.

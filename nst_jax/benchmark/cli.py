@@ -16,6 +16,7 @@ from absl import flags
 
 from nst_jax import errors
 from nst_jax.benchmark import e2e
+from nst_jax.benchmark import fast
 from nst_jax.benchmark import large
 from nst_jax.benchmark import measure
 from nst_jax.benchmark import space
@@ -25,7 +26,7 @@ from nst_jax.benchmark import torch_side
 
 FLAGS = flags.FLAGS
 SECTIONS = ('step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch', 'space', 'large',
-            'none')
+            'fast', 'none')
 #: The repository root (configs/pastiche.py imports `configs.default` from it).
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -66,6 +67,13 @@ def _define_flags(module_name: str) -> None:
   flags.DEFINE_list('large_tiles', ['0', '512'], 'Tile sizes of the large table (0: untiled).',
                     **key)
   flags.DEFINE_integer('large_history', 10, 'L-BFGS memory_size in the large table.', **key)
+  flags.DEFINE_list('fast_sizes', ['128', '256'], 'Training crop sizes of the fast table.',
+                    **key)
+  flags.DEFINE_integer('fast_batch', 4, 'Photos per training step in the fast table.', **key)
+  flags.DEFINE_string('fast_model', '', 'A trained fast model (model.msgpack): the fast table '
+                      'then compares its result with the optimisation\'s.', **key)
+  flags.DEFINE_integer('fast_px', 256, 'Image size of the fast-vs-optimisation comparison.',
+                       **key)
   flags.DEFINE_float('peak_tflops', 0.0, 'Chip peak float32 TFLOP/s for utilisation (GPU).',
                      **key)
   flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch'],
@@ -73,7 +81,7 @@ def _define_flags(module_name: str) -> None:
 
 
 def _check_flags() -> None:
-  for name in ('sizes', 'batches', 'large_sizes'):
+  for name in ('sizes', 'batches', 'large_sizes', 'fast_sizes'):
     values = getattr(FLAGS, name)
     if not all(v.strip().isdigit() and int(v) > 0 for v in values):
       raise errors.UserError(f'--{name}={",".join(values)} must be positive integers, e.g. '
@@ -98,6 +106,10 @@ def _check_flags() -> None:
   if not all(v.strip().isdigit() for v in FLAGS.large_tiles):
     raise errors.UserError(f'--large_tiles={",".join(FLAGS.large_tiles)} must be tile sizes in px '
                            '(0: untiled), e.g. 0,512')
+  if 'fast' in FLAGS.sections and not all(int(v) % 4 == 0 and int(v) >= 32
+                                          for v in FLAGS.fast_sizes):
+    raise errors.UserError(f'--fast_sizes={",".join(FLAGS.fast_sizes)} must be multiples of 4 of '
+                           'at least 32 (the network halves twice; VGG pools five times)')
   unknown = set(FLAGS.sections) - set(SECTIONS)
   if unknown:
     raise errors.UserError(f'unknown --sections {sorted(unknown)}; choose from '
@@ -116,11 +128,11 @@ def main(argv) -> None:
   sections = {'lbfgs_torch': torch_side.lbfgs_torch_table, 'step': tables.step_table,
               'variants': tables.variants_table, 'batch': tables.batch_table,
               'lbfgs': tables.lbfgs_table, 'largest': tables.largest_table,
-              'space': space.space_table, 'large': large.large_table}
+              'space': space.space_table, 'large': large.large_table, 'fast': fast.fast_table}
   with tempfile.TemporaryDirectory() as directory:
     for name, table in sections.items():
       if name in FLAGS.sections:
-        table(**({'directory': directory} if name == 'step' else {}))
+        table(**({'directory': directory} if name in ('step', 'fast') else {}))
     print(f'\nprocess peak resident memory: {measure.peak_rss_gib():.2f} GiB')
     if FLAGS.e2e:
       e2e.e2e_table(directory)
