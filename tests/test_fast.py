@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -203,6 +204,24 @@ def test_a_run_writes_models_logs_samples_and_resumes_to_the_same_parameters(tmp
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert any(not np.allclose(a, c) for a, c in zip(_params(whole[0]), halfway))
   assert len(open(os.path.join(part, 'losses.jsonl')).read().splitlines()) == 4
+
+
+def test_ctrl_c_stops_after_the_chunk_and_keeps_the_model(tmp_path, monkeypatch):
+  real = steps.train_chunk
+
+  def chunk_then_ctrl_c(*args, **kwargs):
+    out = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the chunk runs
+    return out
+
+  monkeypatch.setattr(steps, 'train_chunk', chunk_then_ctrl_c)
+  with pytest.raises(train.Stopped) as stopped:
+    train.run(settings.train_plan(tiny_config(steps=6, checkpoint_every=0)), str(tmp_path))
+  assert stopped.value.signal_number == signal.SIGINT and stopped.value.step == 2
+  assert model_files.load(str(tmp_path / 'model.msgpack')).step == 2
+  monkeypatch.setattr(steps, 'train_chunk', real)
+  [path] = train.run(settings.train_plan(tiny_config(steps=6, resume=True)), str(tmp_path))
+  assert model_files.load(path).step == 6
 
 
 def test_a_resume_with_another_loss_is_refused(tmp_path):

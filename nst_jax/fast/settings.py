@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from nst_jax import config_files
 from nst_jax import errors
 from nst_jax import losses
 from nst_jax import plan as plan_lib
@@ -83,7 +84,7 @@ def _positive_int(config, field: str, *, at_least: int = 1) -> int:
 
 def _style_paths(config) -> tuple[str, ...]:
   paths = tuple(plan_lib.split(config.style_images)) or (
-      os.path.join(os.path.dirname(data.HELD_OUT), 'starry_night.jpg'),)
+      config_files.example_path(config_files.DEFAULT_STYLE),)
   if config.batch_over not in ('', 'style'):
     raise errors.UserError(f"--config.batch_over={config.batch_over!r}: fast training batches "
                            "over 'style' only (one network per style image) or '' (one style)")
