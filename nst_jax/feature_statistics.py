@@ -78,10 +78,14 @@ def mean_covariance_statistic(features: jax.Array, *, mask: jax.Array | None = N
   flat, weights = positions_and_weights(features, mask)
   mean = weights @ flat
   centred = flat - mean
-  covariance = (centred * weights[:, None]).T @ centred
-  eigenvalues, eigenvectors = jnp.linalg.eigh(covariance)
+  return with_sqrt_covariance({'mean': mean, 'covariance': (centred * weights[:, None]).T @ centred})
+
+
+def with_sqrt_covariance(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """``stats`` (mean, covariance) and the covariance's symmetric square root."""
+  eigenvalues, eigenvectors = jnp.linalg.eigh(stats['covariance'])
   sqrt_covariance = (eigenvectors * jnp.sqrt(jnp.maximum(eigenvalues, 0.0))) @ eigenvectors.T
-  return {'mean': mean, 'covariance': covariance, 'sqrt_covariance': sqrt_covariance}
+  return dict(stats, sqrt_covariance=sqrt_covariance)
 
 
 def mean_std_statistic(features: jax.Array, *, mask: jax.Array | None = None,

@@ -52,7 +52,10 @@ def _wasserstein_finish(*, sums: Mapping[str, jax.Array], target: Mapping[str, j
 
 @terms.register('wasserstein', reference='style',
                 statistic=feature_statistics.mean_covariance_statistic,
-                additive=terms.Additive(sums=_moment_sums(outer=True), finish=_wasserstein_finish))
+                additive=terms.Additive(
+                    sums=_moment_sums(outer=True), finish=_wasserstein_finish,
+                    statistic=lambda *, sums, **unused: feature_statistics.with_sqrt_covariance(
+                        feature_statistics.mean_covariance_from_sums(sums))))
 def wasserstein(*, features: jax.Array, target: Mapping[str, jax.Array],
                 mask: jax.Array | None = None, normalization: str = 'gram', **unused
                 ) -> jax.Array:
@@ -80,7 +83,9 @@ def _mean_std_finish(*, sums: Mapping[str, jax.Array], target: Mapping[str, jax.
 
 
 @terms.register('mean_std', reference='style', statistic=feature_statistics.mean_std_statistic,
-                additive=terms.Additive(sums=_moment_sums(outer=False), finish=_mean_std_finish))
+                additive=terms.Additive(
+                    sums=_moment_sums(outer=False), finish=_mean_std_finish,
+                    statistic=lambda *, sums, **unused: feature_statistics.mean_std_from_sums(sums)))
 def mean_std(*, features: jax.Array, target: Mapping[str, jax.Array],
              mask: jax.Array | None = None, normalization: str = 'gram', **unused) -> jax.Array:
   """Channel mean and standard deviation matching (the AdaIN statistic): mean squared errors.

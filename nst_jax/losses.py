@@ -149,7 +149,9 @@ def _gram_finish(*, sums: Mapping[str, jax.Array], target: jax.Array, shape: Seq
 
 
 @register('gram', reference='style', statistic=feature_statistics.gram_statistic,
-          additive=terms.Additive(sums=_gram_sums, finish=_gram_finish))
+          additive=terms.Additive(
+              sums=_gram_sums, finish=_gram_finish,
+              statistic=lambda *, sums, **unused: feature_statistics.gram_from_sums(sums)))
 def gram_loss(*, features: jax.Array, target: jax.Array, image: jax.Array,
               mask: jax.Array | None = None, normalization: str = 'gatys', **unused) -> jax.Array:
   """Gram-matrix style loss of one layer with a named normalisation (:data:`GRAM_NORMALIZATIONS`).

@@ -26,6 +26,8 @@ from nst_jax import report
 
 METRICS = 'metrics.json'
 STEP_METRICS = 'metrics_steps.jsonl'
+#: Longest side at which results are measured; larger ones are scaled down to it first.
+METRICS_MAX_SIDE = 2048
 TRADEOFF = 'tradeoff.png'
 CONTACT_SHEET = 'contact_sheet.png'
 
@@ -83,9 +85,33 @@ class Measurer:
     height, width = result.shape[:2]
     content = images.resize(self.batch.contents[index], height, width)
     style = inputs.scale_images(self.batch, index, self.images_plan, height, width)[1][0]
-    return metrics.assess(metrics.image_statistics(as_file(result)),
-                          content=self._reference(as_file(content)),
-                          style=self._reference(as_file(style)))
+    measured = measured_size(height, width)
+    if measured != (height, width):
+      result, content = (images.resize(image, *measured) for image in (result, content))
+      style = images.resize(style, *measured_size(*style.shape[:2]))
+    found = metrics.assess(metrics.image_statistics(as_file(result)),
+                           content=self._reference(as_file(content)),
+                           style=self._reference(as_file(style)))
+    return found if measured == (height, width) else dict(found, measured_at=list(measured))
+
+
+def measured_size(height: int, width: int) -> tuple[int, int]:
+  """The size an image of ``height`` x ``width`` is measured at: itself, or scaled down to
+  METRICS_MAX_SIDE on its longer side (the whole-image VGG pass of the metrics would otherwise
+  need more memory than a tiled run's optimisation)."""
+  if max(height, width) <= METRICS_MAX_SIDE:
+    return height, width
+  scale = METRICS_MAX_SIDE / max(height, width)
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def metrics_note(height: int, width: int) -> str:
+  """The line a run says when its results are measured smaller than they are ('' if not)."""
+  measured = measured_size(height, width)
+  if measured == (height, width):
+    return ''
+  return (f'metrics.json measures the {width}x{height} result scaled to {measured[1]}x'
+          f'{measured[0]} (its "measured_at"): the metrics run VGG on the whole image, untiled')
 
 
 def labels(batch_plan: plan_lib.BatchPlan, n: int) -> list[str]:

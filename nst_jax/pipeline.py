@@ -166,7 +166,7 @@ def saving(plan: plan_lib.Plan, workdir: str | None, tag: str = '', *,
                      resume=plan.outputs.resume, fingerprint=plan.fingerprint)
 
 
-def _announce(prepared: Prepared, groups, progress: report.Progress) -> None:
+def _announce(prepared: Prepared, groups, progress: report.Progress, *, measures: bool) -> None:
   plan, n = prepared.plan, len(prepared.batch)
   steps = sum(plan.schedule.steps_per_scale)
   shapes = ', '.join(f'{width}x{height}' for _, (height, width) in groups)
@@ -177,6 +177,9 @@ def _announce(prepared: Prepared, groups, progress: report.Progress) -> None:
                                         else '') + '; the first chunk includes compilation')
   if prepared.memory_note:
     progress.message(prepared.memory_note)
+  if measures:  # the metrics are written only with a workdir
+    for note in sorted({outputs.metrics_note(*size) for _, size in groups} - {''}):
+      progress.message(note)
 
 
 def _optimize_groups(prepared: Prepared, groups, *, workdir: str | None, writes: bool,
@@ -269,7 +272,7 @@ def run(plan: plan_lib.Plan, workdir: str | None, *, contents: Sequence[inputs.S
   progress = report.Progress(total=len(groups) * sum(plan.schedule.steps_per_scale),
                              mode=plan.outputs.progress,
                              stream=None if writes else report.Nowhere())
-  _announce(prepared, groups, progress)
+  _announce(prepared, groups, progress, measures=workdir is not None)
   start = time.perf_counter()
   write = lambda results, records: [] if workdir is None or not writes else outputs.write(
       workdir, output=plan.outputs.output, batch=prepared.batch, images_plan=plan.images,

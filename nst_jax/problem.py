@@ -110,6 +110,18 @@ def layer_shapes(height: int, width: int, layers: Sequence[str]) -> dict[str, tu
   return shapes
 
 
+def _reference_targets(image: np.ndarray, *, net: Mapping, program: Program, reference: str,
+                       layers: tuple[str, ...]) -> dict:
+  """The targets of every entry that reads ``reference`` from that image; with tiles, tile by
+  tile, so a huge content or style never holds its whole activations."""
+  if program.network.tile_size and layers:
+    return tiling.reference_targets(net, jnp.asarray(image), program=program, reference=reference)
+  features = (reference_features(net, jnp.asarray(image), program=program, layers=layers)
+              if layers else {})
+  return losses.targets(entries=program.entries, reference_features=features,
+                        reference=reference)
+
+
 def _problem_targets(batch: inputs.Batch, index: int, images_plan: plan_lib.ImagesPlan, *,
                      net: Mapping, program: Program, height: int, width: int) -> dict[str, Any]:
   content, styles = inputs.scale_images(batch, index, images_plan, height, width)
@@ -123,15 +135,11 @@ def _problem_targets(batch: inputs.Batch, index: int, images_plan: plan_lib.Imag
       'key': np.asarray(jax.random.key_data(jax.random.key(batch.seeds[index]))),
   }
   if content_layers:
-    features = reference_features(net, jnp.asarray(content), program=program,
-                                  layers=content_layers)
-    targets['content_targets'] = losses.targets(
-        entries=program.entries, reference_features=features, reference='content')
+    targets['content_targets'] = _reference_targets(content, net=net, program=program,
+                                                    reference='content', layers=content_layers)
   for style in styles:
-    features = (reference_features(net, jnp.asarray(style), program=program, layers=style_layers)
-                if style_layers else {})
-    targets['style_targets'].append(losses.targets(
-        entries=program.entries, reference_features=features, reference='style'))
+    targets['style_targets'].append(_reference_targets(style, net=net, program=program,
+                                                       reference='style', layers=style_layers))
   if batch.masks is not None:
     shapes = layer_shapes(height, width, style_layers)
     targets['style_masks'] = [

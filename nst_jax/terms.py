@@ -28,7 +28,10 @@ positions when ``positional_target``, as for content), ``mask`` the style mask a
 An image term's (``reference=None``) is ``sums(*, image, valid, **options)``, ``image`` (h+1, w+1,
 3) holding the positions and one more row and column (total variation looks one pixel ahead).
 ``finish(*, sums, target, shape, image_shape, **options)`` gets the layer's full (H, W, C) shape
-and the image's.
+and the image's. A style term may also give ``statistic(*, sums, **options)``: its target (the
+term's ``statistic`` of the style image) from the same sums over all of the style's positions, so
+tiles compute the target without the style's whole features (otherwise they assemble the layer's
+features from the tiles and apply the term's ``statistic``, as for a per-position content target).
 """
 
 from __future__ import annotations
@@ -55,11 +58,14 @@ class Additive:
     finish: the loss from the sums over all positions.
     positional_target: the target holds one value per position (H, W, ...) and is cropped with
       the features (content); otherwise it is passed whole (a style statistic).
+    statistic: the term's target of a reference image from ``sums`` over all its positions
+      (unmasked), or None (the reference's features are assembled from tiles instead).
   """
 
   sums: Callable[..., Any]
   finish: Callable[..., jax.Array]
   positional_target: bool = False
+  statistic: Callable[..., Any] | None = None
 
 
 def term(*, reference: str | None, statistic: Callable[..., Any] | None = None,

@@ -215,17 +215,19 @@ def _crop(array: jax.Array, start: tuple[jax.Array, jax.Array], count: int) -> j
 
 
 def tile_features(window: jax.Array, index: jax.Array, *, net: Mapping, program: problem.Program,
-                  geometry: Geometry) -> dict[str, jax.Array]:
-  """Tile ``index``'s features at each of the program's layers, from its window (tile and halo).
+                  geometry: Geometry, layers: Sequence[str] | None = None
+                  ) -> dict[str, jax.Array]:
+  """Tile ``index``'s features at ``layers`` (default: the program's), from its window.
 
   They are the whole image's features at the tile's positions (zero where the tile overhangs the
   image): the halo keeps the window's own edges out of them.
   """
-  if not program.layers:
+  layers = tuple(program.layers if layers is None else layers)
+  if not layers:
     return {}
   origin = geometry.origin(index)
   window_origin = (origin[0] - geometry.halo, origin[1] - geometry.halo)
-  features = program.features(net, window, program.layers, boundary=functools.partial(
+  features = program.features(net, window, layers, boundary=functools.partial(
       _zero_outside, origin=window_origin, geometry=geometry))
   tile = {}
   for layer, values in features.items():
@@ -298,6 +300,83 @@ def _finish(sums: Mapping, data: Mapping, *, program: problem.Program, geometry:
               image_shape=image_shape, **options)
     parts[entry.name] = data['weights'][entry.name] * value
   return parts
+
+
+# --------------------------------------------------------------------------------------------
+# The targets of a reference image, tile by tile.
+
+
+def _tile_reference(index: jax.Array, padded: jax.Array, *, net: Mapping, entries: Sequence,
+                    program: problem.Program, geometry: Geometry, assembled: Sequence[str]
+                    ) -> tuple[dict, dict]:
+  """One tile's sums of the entries with a statistic from sums, and its features at
+  ``assembled`` layers."""
+  layers = sorted({layer for entry in entries for layer in entry.layers})
+  features = tile_features(geometry.window_at(padded, index)[0], index, net=net, program=program,
+                           geometry=geometry, layers=layers)
+  origin = geometry.origin(index)
+  sums = {}
+  for entry in entries:
+    if entry.fn.additive.statistic is None:
+      continue
+    sums[entry.name] = {}
+    for layer in entry.layers:
+      stride = vgg.downsampling(layer)
+      count, start = geometry.tile // stride, (origin[0] // stride, origin[1] // stride)
+      sums[entry.name][layer] = entry.fn.additive.sums(
+          features=features[layer], target=None, **dict(entry.options),
+          valid=_valid(start, count, (geometry.height // stride, geometry.width // stride)))
+  return sums, {layer: features[layer] for layer in assembled}
+
+
+@functools.partial(jax.jit, static_argnames=('program', 'reference'))
+def reference_targets(net: Mapping, image: jax.Array, *, program: problem.Program,
+                      reference: str) -> dict:
+  """:func:`nst_jax.losses.targets` of a content or style image, computed over tiles.
+
+  Statistics that are functions of sums (Gram, moments) add up the tiles' sums as the loss does;
+  per-position targets (content) and terms without ``Additive.statistic`` get their layer's
+  features assembled from the tiles' own positions. Only one window's activations are alive at a
+  time, so a 4096 px image needs one window plus the stored targets, not its whole activations.
+  """
+  entries = [entry for entry in program.entries if entry.reference == reference]
+  geometry = geometry_of(program, image.shape[0], image.shape[1])
+  assembled = sorted({layer for entry in entries if entry.fn.additive.statistic is None
+                      for layer in entry.layers})
+  padded = geometry.pad(image)
+  one = functools.partial(_tile_reference, padded=padded, net=net, entries=entries,
+                          program=program, geometry=geometry, assembled=assembled)
+  indices = jnp.arange(geometry.rows * geometry.cols)
+  sums_shape, tile_shape = jax.eval_shape(one, indices[0])
+  buffers = {layer: jnp.zeros((geometry.rows * shape.shape[0], geometry.cols * shape.shape[1],
+                               shape.shape[2]), shape.dtype)
+             for layer, shape in tile_shape.items()}
+
+  def add(carry, index):
+    total, whole = carry
+    sums, tile = one(index)
+    row, col = geometry.origin(index)
+    for layer, values in tile.items():
+      stride = vgg.downsampling(layer)
+      whole = dict(whole, **{layer: jax.lax.dynamic_update_slice(
+          whole[layer], values, (row // stride, col // stride, jnp.zeros_like(row)))})
+    return (jax.tree.map(jnp.add, total, sums), whole), None
+
+  zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), sums_shape)
+  total, whole = jax.lax.scan(add, (zeros, buffers), indices)[0]
+  out = {}
+  for entry in entries:
+    options = dict(entry.options)
+    out[entry.name] = {}
+    for layer in entry.layers:
+      if entry.fn.additive.statistic is not None:
+        out[entry.name][layer] = entry.fn.additive.statistic(sums=total[entry.name][layer],
+                                                             **options)
+      else:
+        stride = vgg.downsampling(layer)
+        features = whole[layer][:geometry.height // stride, :geometry.width // stride]
+        out[entry.name][layer] = entry.fn.statistic(features, **options)
+  return out
 
 
 # --------------------------------------------------------------------------------------------

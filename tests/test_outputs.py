@@ -133,3 +133,37 @@ def test_intermediate_metrics_one_line_per_result_and_save(tmp_path, sweep):
   fresh = outputs.StepMetrics(path, measure=measure, resume=False)
   fresh.add(scale=0, step=4, indices=[0], finished_images=[results[0]])
   assert len(open(path).readlines()) == 1
+
+
+def test_results_larger_than_the_metrics_limit_are_measured_scaled_down(tmp_path, sweep,
+                                                                         monkeypatch):
+  prepared, results = sweep
+  height, width = results[1].shape[:2]
+  limit = max(height, width) // 2
+  monkeypatch.setattr(outputs, 'METRICS_MAX_SIDE', limit)
+  measured = outputs.measured_size(height, width)
+  assert max(measured) == limit and outputs.measured_size(limit, limit - 1) == (limit, limit - 1)
+  assert f'{width}x{height} result scaled to {measured[1]}x{measured[0]}' in (
+      outputs.metrics_note(height, width))
+  assert outputs.metrics_note(*measured) == ''
+  _write(prepared, results, tmp_path)
+  second = json.loads((tmp_path / 'metrics.json').read_text())['results'][1]
+  assert second['measured_at'] == list(measured)
+  # The same figures as measuring the scaled-down images directly.
+  as_file = lambda image: images.to_uint8(image).astype(np.float32)
+  style = inputs.scale_images(prepared.batch, 1, prepared.plan.images, height, width)[1][0]
+  expected = metrics.evaluate(
+      as_file(images.resize(results[1], *measured)),
+      content=as_file(images.resize(images.resize(prepared.batch.contents[1], height, width),
+                                    *measured)),
+      style=as_file(images.resize(style, *outputs.measured_size(*style.shape[:2]))))
+  assert _flat(second['result']) == pytest.approx(_flat(expected['result']), rel=1e-6)
+
+
+def test_a_run_says_when_its_metrics_are_measured_scaled_down(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(outputs, 'METRICS_MAX_SIDE', 32)
+  helpers.run(helpers.tiny_config(size=40, steps=2, progress='lines'), tmp_path)
+  err = capsys.readouterr().err
+  assert 'metrics.json measures the 40x40 result scaled to 32x32' in err, err
+  assert json.loads((tmp_path / 'metrics.json').read_text())['results'][0]['measured_at'] == [
+      32, 32]

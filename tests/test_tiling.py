@@ -17,6 +17,7 @@ import pytest
 
 from nst_jax import config_files
 from nst_jax import errors
+from nst_jax import images
 from nst_jax import losses
 from nst_jax import plan
 from nst_jax import problem
@@ -274,6 +275,50 @@ def test_each_window_gives_the_whole_images_features_at_its_tile():
       inside = got[:expected.shape[0], :expected.shape[1]]
       assert np.abs(inside - expected).max(initial=0) <= 1e-5 * np.abs(values).max(), layer
       assert not got[expected.shape[0]:].any() and not got[:, expected.shape[1]:].any(), layer
+
+
+@pytest.mark.parametrize('reference', ['content', 'style'])
+def test_targets_computed_over_tiles_equal_the_whole_images(reference):
+  # 120 x 136 px with 32 px tiles (the last tiles overhang), every kind of target: Gram and
+  # moments from summed tiles (Additive.statistic), content features and a term without a
+  # statistic from sums (channel_mean) assembled from the tiles' positions.
+  config = helpers.tiny_config(size=136, tile_size=32, **{
+      'losses.style.layers': DEEP, 'losses.content.layers': ('block4_relu2', 'block2_relu1')})
+  for name, term, layers in (('mean_std', 'mean_std', DEEP),
+                             ('wasserstein', 'wasserstein', ('block1_relu1', 'block3_relu1')),
+                             ('channel_mean', 'tests.test_tiling:channel_mean', ('block2_relu1',))):
+    config.losses[name] = ml_collections.ConfigDict(dict(config.losses.style.to_dict(), term=term,
+                                                         options={}, layers=layers))
+  prepared = helpers.prepare(config)
+  program, net = prepared.program, prepared.net
+  image = jnp.asarray(images.resize(helpers.example(reference), 120, 136), jnp.float32)
+  tiled = jax.device_get(tiling.reference_targets(net, image, program=program,
+                                                  reference=reference))
+  layers = losses.feature_layers(program.entries, reference)
+  whole = jax.device_get(losses.targets(entries=program.entries, reference=reference,
+                                        reference_features=problem.reference_features(
+                                            net, image, program=_untiled(program), layers=layers)))
+  names = {'content': ['content'], 'style': ['channel_mean', 'mean_std', 'style', 'wasserstein']}
+  assert sorted(tiled) == sorted(whole) == names[reference]
+  flat_tiled = jax.tree_util.tree_leaves_with_path(tiled)
+  flat_whole = jax.tree.leaves(whole)
+  assert len(flat_tiled) == len(flat_whole) >= 2
+  for (path, got), want in zip(flat_tiled, flat_whole):
+    assert got.shape == want.shape and np.abs(want).max() > 0, path
+    assert _relative_error(got, want) < TOLERANCE, (path, _relative_error(got, want))
+
+
+def test_a_tiled_run_computes_its_targets_over_tiles(monkeypatch):
+  calls = []
+  real = tiling.reference_targets
+  monkeypatch.setattr(tiling, 'reference_targets',
+                      lambda *args, **kwargs: calls.append(kwargs['reference']) or real(*args, **kwargs))
+  prepared = helpers.prepare(helpers.tiny_config(size=64, tile_size=32))
+  prepared.scale_targets(64, 64)
+  assert calls == ['content', 'style']
+  calls.clear()
+  helpers.prepare(helpers.tiny_config(size=64)).scale_targets(64, 64)
+  assert calls == []
 
 
 def test_halo_and_grid_follow_the_deepest_layer():

@@ -5,8 +5,8 @@ program), so that the process's peak resident memory is that row's alone: pastic
 history --large_history, XLA's plan of the chunk compiled first; a row whose plan exceeds
 --memory_gib is reported as not fitting and not run. Otherwise one chunk of one step is timed
 after compilation (no warm-up chunk: at these sizes a step takes minutes on a CPU and page faults
-are a small part of it), and the peak resident memory is read after setup (targets computed, which
-is untiled) and after the step.
+are a small part of it), and the peak resident memory is read after setup (targets computed, tile
+by tile in a tiled row) and after the step.
 """
 
 from __future__ import annotations
@@ -26,13 +26,17 @@ def measure_here(px: int, *, tile_size: int, memory_size: int, memory_gib: float
   """In this process: pastiche's one-step chunk at px x px (see the module docstring)."""
   import jax
   import jax.numpy as jnp
+  from nst_jax import errors
   from nst_jax import loop
   from nst_jax import pipeline
   from nst_jax import plan as plan_lib
   config = measure.pastiche_config()
   config.update(size=px, square=True, chunk_size=1, compilation_cache='', tile_size=tile_size,
                 memory_size=memory_size, checkpoint_every=0)
-  prepared = pipeline.prepare(plan_lib.from_config(config))
+  try:
+    prepared = pipeline.prepare(plan_lib.from_config(config))
+  except errors.UserError as exc:  # the run's own memory guard refuses it: so does the table
+    return {'px': px, 'tile_size': tile_size, 'refused': str(exc)}
   targets = jax.device_put(prepared.scale_targets(px, px))
   state = loop.initial_state(jnp.asarray(prepared.start_images(px, px)), prepared.net, targets,
                              program=prepared.program)
@@ -73,6 +77,9 @@ def large_table() -> None:
     for tile_size in (int(tile) for tile in FLAGS.large_tiles):
       row = measure_in_subprocess(px, tile_size=tile_size, memory_size=FLAGS.large_history,
                                   memory_gib=FLAGS.memory_gib)
+      if 'refused' in row:
+        print(f'{px:>6} {tile_size or "none":>6}  refused by the run: {row["refused"]}', flush=True)
+        continue
       step = ('does not fit' if row['step_s'] is None else f'{row["step_s"]:.1f}')
       peak = '-' if row['peak_rss_bytes'] is None else measure.gib(row['peak_rss_bytes'])
       print(f'{px:>6} {tile_size or "none":>6} {measure.gib(row["planned_bytes"]):>12} '
