@@ -165,7 +165,9 @@ def test_crops_are_a_function_of_seed_and_step():
 
 
 def test_training_steps_lower_the_loss(net):
-  plan = settings.train_plan(tiny_config())
+  # Twenty times the preset's style weight: at 32 px and 12 steps the preset's (chosen for 128 px
+  # and 200 steps) leaves the loss almost all content, which Adam halves more slowly.
+  plan = settings.train_plan(tiny_config(style_weight=1e-3))
   setup = steps.setup_of(plan)
   _, styles = train._styles(plan, net, setup)
   style = jax.tree.map(lambda x: x[0], styles)
@@ -445,8 +447,8 @@ def test_the_fast_benchmark_prints_training_stylising_and_the_comparison(tmp_pat
   assert 'trained 7 steps at 32 px' in out, out
   rows = {line[:34].strip(): line[34:].split() for line in out.splitlines()
           if line.startswith(('fast network', 'optimisation', 'the photo itself'))}
-  assert set(rows) == {'fast network (first call)', 'optimisation (default config)',
-                       'the photo itself'}, out
+  assert set(rows) == {'fast network', 'optimisation (default config)', 'the photo itself'}, out
+  assert re.search(r'speed-up: the fast network is \d+x faster than optimising', out), out
   # The optimisation moves towards the style; the photo itself is at content distance 0.
   assert float(rows['optimisation (default config)'][1]) < float(rows['the photo itself'][0])
   assert float(rows['the photo itself'][1]) == 0.0

@@ -72,8 +72,10 @@ def _define_flags(module_name: str) -> None:
   flags.DEFINE_integer('fast_batch', 4, 'Photos per training step in the fast table.', **key)
   flags.DEFINE_string('fast_model', '', 'A trained fast model (model.msgpack): the fast table '
                       'then compares its result with the optimisation\'s.', **key)
-  flags.DEFINE_integer('fast_px', 256, 'Image size of the fast-vs-optimisation comparison.',
-                       **key)
+  flags.DEFINE_list('fast_px', ['256'], 'Image sizes of the fast-vs-optimisation comparison '
+                    '(the optimisation runs 300 L-BFGS steps at each).', **key)
+  flags.DEFINE_string('fast_dir', '', 'Where the fast comparison writes its images (default: a '
+                      'temporary folder).', **key)
   flags.DEFINE_float('peak_tflops', 0.0, 'Chip peak float32 TFLOP/s for utilisation (GPU).',
                      **key)
   flags.DEFINE_list('sections', ['step', 'variants', 'batch', 'lbfgs', 'largest', 'lbfgs_torch'],
@@ -81,7 +83,7 @@ def _define_flags(module_name: str) -> None:
 
 
 def _check_flags() -> None:
-  for name in ('sizes', 'batches', 'large_sizes', 'fast_sizes'):
+  for name in ('sizes', 'batches', 'large_sizes', 'fast_sizes', 'fast_px'):
     values = getattr(FLAGS, name)
     if not all(v.strip().isdigit() and int(v) > 0 for v in values):
       raise errors.UserError(f'--{name}={",".join(values)} must be positive integers, e.g. '
