@@ -193,6 +193,9 @@ def get_config() -> ml_collections.ConfigDict:
   # How many processes take part, and which this is (-1: from the cluster environment).
   config.num_processes = -1
   config.process_id = -1
+  # Seconds without a heartbeat after which JAX's coordinator counts a process as lost (one that
+  # hangs rather than dies) and the others abort (JAX's default, 100).
+  config.heartbeat_timeout = 100
 
   # --- Outputs ------------------------------------------------------------------------------
   # Result file name inside --workdir (.png or .jpg); batches add _0, _1, ...

@@ -40,7 +40,7 @@ MAX_SIZE = 16384
 #: Fields that do not change the result, left out of a checkpoint's config fingerprint.
 _NOT_FINGERPRINTED = ('resume', 'progress', 'steps', 'save_every', 'checkpoint_every',
                       'compilation_cache', 'checkpoint_history', 'coordinator_address',
-                      'num_processes', 'process_id',
+                      'num_processes', 'process_id', 'heartbeat_timeout',
                       'tile_size')  # tiles give the same result: a run may resume with them
 
 #: How several devices share a run (config.shard).
@@ -160,6 +160,7 @@ class DevicesPlan:
   coordinator_address: str           # 'host:port' of process 0 ('' = from the environment)
   num_processes: int                 # -1 = from the environment
   process_id: int                    # -1 = from the environment
+  heartbeat_timeout: int             # seconds before a silent process counts as lost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,9 +366,13 @@ def _devices(config) -> DevicesPlan:
   if config.distributed and given and not 0 <= config.process_id < config.num_processes:
     raise errors.UserError(f'--config.process_id={config.process_id} must be in '
                            f'0..{config.num_processes - 1} (--config.num_processes)')
+  if config.heartbeat_timeout < 1:
+    raise errors.UserError(f'--config.heartbeat_timeout={config.heartbeat_timeout} must be at '
+                           'least 1 (seconds)')
   return DevicesPlan(shard=config.shard, distributed=bool(config.distributed),
                      coordinator_address=str(config.coordinator_address),
-                     num_processes=int(config.num_processes), process_id=int(config.process_id))
+                     num_processes=int(config.num_processes), process_id=int(config.process_id),
+                     heartbeat_timeout=int(config.heartbeat_timeout))
 
 
 def fingerprint(config, *, leave_out: Sequence[str] = _NOT_FINGERPRINTED) -> str:

@@ -5,7 +5,11 @@ every step and print nothing but errors (:func:`quiet_others`). Before anything 
 processes compare digests of their settings, checkpoint and inputs (:func:`check_agreement`), which
 also opens their connections, so a process that dies later makes the others' next collective fail
 at once; :func:`lost_process` turns that failure into one line and :func:`leave_at_once_on_failure`
-keeps a process that fails alone from waiting in JAX's shutdown barrier.
+keeps a process that fails alone from waiting in JAX's shutdown barrier. A process that hangs
+(alive, its connections open, silent) is noticed by JAX's coordinator after ``heartbeat_timeout``
+seconds without a heartbeat, and the others abort with JAX's own message: its client takes an
+error callback, but jax 0.10.2 cannot hand it the error (casting the status to Python fails, which
+aborts too), so that exit is JAX's C++ check failure rather than one line.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ def join(devices_plan: plan_lib.DevicesPlan) -> None:
         coordinator_address=address,
         num_processes=devices_plan.num_processes if given else None,
         process_id=devices_plan.process_id if given else None,
-        initialization_timeout=JOIN_TIMEOUT_S)
+        initialization_timeout=JOIN_TIMEOUT_S,
+        heartbeat_timeout_seconds=devices_plan.heartbeat_timeout)
   except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as exc:
     where = (f'the coordinator at {address} as process {devices_plan.process_id} of '
              f'{devices_plan.num_processes}' if given else 'the cluster\'s coordinator')

@@ -217,3 +217,28 @@ def test_processes_started_with_other_settings_both_refuse_in_one_line(tmp_path,
         'process with the same command line, apart from --config.process_id (and '
         '--config.compilation_cache)'], errors
   assert not (tmp_path / 'shared').exists()
+
+
+def test_a_process_that_hangs_stops_the_other_after_the_heartbeat_timeout(tmp_path, weights_path):
+  # SIGSTOP freezes process 1 whole, its heartbeat thread included: a hung process, not a dead
+  # one (its connections stay open). Process 0 must stop soon after --config.heartbeat_timeout,
+  # not after JAX's default of 100 s; it aborts with JAX's own message (see nst_jax.processes).
+  timeout = 10
+  start = time.monotonic()
+  processes = _start_both(tmp_path, _flags(weights_path, str(tmp_path / 'shared'), steps=3000)
+                          + [f'--config.heartbeat_timeout={timeout}'])
+  try:
+    while 'step ' not in _text(tmp_path, 'err_0.txt'):  # both joined and running
+      assert time.monotonic() < start + _TIMEOUT_S, _text(tmp_path, 'err_0.txt')
+      assert processes[0].poll() is None, _text(tmp_path, 'err_0.txt')
+      time.sleep(0.2)
+    processes[1].send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    status = _wait(processes[:1], frozen + timeout + 60)[0]
+    stopped_after = time.monotonic() - frozen
+  finally:
+    processes[1].send_signal(signal.SIGKILL)
+    _wait(processes, time.monotonic())
+  errors = _text(tmp_path, 'err_0.txt')
+  assert status != 0 and timeout - 1 < stopped_after < timeout + 30, (stopped_after, errors)
+  assert 'stopped sending heartbeats' in errors, errors

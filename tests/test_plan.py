@@ -58,6 +58,7 @@ def test_settings_that_cannot_be_honoured_are_refused(tmp_path):
     ({'distributed': True, 'num_processes': 2}, 'go together'),
     ({'distributed': True, 'coordinator_address': '127.0.0.1:1', 'num_processes': 2,
       'process_id': 2}, r'process_id=2 must be in 0\.\.1'),
+    ({'heartbeat_timeout': 0}, 'heartbeat_timeout=0 must be at least 1'),
 ])
 def test_bad_settings_are_one_line_errors(overrides, message):
   with pytest.raises(errors.UserError, match=message) as raised:
