@@ -240,5 +240,7 @@ def test_a_process_that_hangs_stops_the_other_after_the_heartbeat_timeout(tmp_pa
     processes[1].send_signal(signal.SIGKILL)
     _wait(processes, time.monotonic())
   errors = _text(tmp_path, 'err_0.txt')
-  assert status != 0 and timeout - 1 < stopped_after < timeout + 30, (stopped_after, errors)
+  # Its last heartbeat may precede the freeze by part of the timeout (seen: 6.9 s), so only the
+  # upper bound says the setting is honoured (JAX's default would take 100 s).
+  assert status != 0 and stopped_after < timeout + 30, (stopped_after, errors)
   assert 'stopped sending heartbeats' in errors, errors
