@@ -237,6 +237,14 @@ def tile_features(window: jax.Array, index: jax.Array, *, net: Mapping, program:
   return tile
 
 
+def _layer_tile(layer: str, origin: tuple[jax.Array, jax.Array], geometry: Geometry
+                ) -> tuple[tuple[jax.Array, jax.Array], int, jax.Array]:
+  """The tile at image ``origin`` on ``layer``'s grid: its first position, side, and ``valid``."""
+  stride = vgg.downsampling(layer)
+  count, start = geometry.tile // stride, (origin[0] // stride, origin[1] // stride)
+  return start, count, _valid(start, count, (geometry.height // stride, geometry.width // stride))
+
+
 def _layer_sums(entry: losses.Entry, features: Mapping[str, jax.Array], data: Mapping, *,
                 origin: tuple[jax.Array, jax.Array], geometry: Geometry) -> list[dict]:
   """A layer term's sums over one tile's positions: ``[{layer: sums} per reference image]``."""
@@ -245,18 +253,15 @@ def _layer_sums(entry: losses.Entry, features: Mapping[str, jax.Array], data: Ma
   for _, entry_targets, masks in _references(entry, data):
     per_layer = {}
     for layer in entry.layers:
-      stride = vgg.downsampling(layer)
-      count, start = geometry.tile // stride, (origin[0] // stride, origin[1] // stride)
+      start, count, valid = _layer_tile(layer, origin, geometry)
       kwargs = dict(entry.options)
       if masks is not None:
         kwargs['mask'] = _crop(masks[layer], start, count)
       target = entry_targets[layer]
       if additive.positional_target:
         target = jax.tree.map(lambda x: _crop(x, start, count), target)
-      per_layer[layer] = additive.sums(
-          features=features[layer],
-          valid=_valid(start, count, (geometry.height // stride, geometry.width // stride)),
-          target=target, **kwargs)
+      per_layer[layer] = additive.sums(features=features[layer], valid=valid, target=target,
+                                       **kwargs)
     per_reference.append(per_layer)
   return per_reference
 
@@ -321,11 +326,9 @@ def _tile_reference(index: jax.Array, padded: jax.Array, *, net: Mapping, entrie
       continue
     sums[entry.name] = {}
     for layer in entry.layers:
-      stride = vgg.downsampling(layer)
-      count, start = geometry.tile // stride, (origin[0] // stride, origin[1] // stride)
       sums[entry.name][layer] = entry.fn.additive.sums(
-          features=features[layer], target=None, **dict(entry.options),
-          valid=_valid(start, count, (geometry.height // stride, geometry.width // stride)))
+          features=features[layer], valid=_layer_tile(layer, origin, geometry)[2], target=None,
+          **dict(entry.options))
   return sums, {layer: features[layer] for layer in assembled}
 
 
@@ -358,8 +361,8 @@ def reference_targets(net: Mapping, image: jax.Array, *, program: problem.Progra
     row, col = geometry.origin(index)
     for layer, values in tile.items():
       stride = vgg.downsampling(layer)
-      whole = dict(whole, **{layer: jax.lax.dynamic_update_slice(
-          whole[layer], values, (row // stride, col // stride, jnp.zeros_like(row)))})
+      whole = {**whole, layer: jax.lax.dynamic_update_slice(
+          whole[layer], values, (row // stride, col // stride, jnp.zeros_like(row)))}
     return (jax.tree.map(jnp.add, total, sums), whole), None
 
   zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), sums_shape)
