@@ -173,26 +173,29 @@ def next_scale_start(previous: np.ndarray, *, contents: np.ndarray | None, heigh
   return start
 
 
-def _targets_at(task: Task, scale: int, final_sizes) -> dict:
+def _targets_at(task: Task, scale: int, final: tuple[dict, dict] | None) -> dict:
+  """The targets of one scale; a coarser one's weights balanced like the final scale's terms."""
+  if final is not None and scale == len(task.sizes) - 1:
+    return final[0]  # computed once, for the balance, before the first scale
   height, width = task.sizes[scale]
   targets = problem.scale_targets(task.batch, task.images_plan, net=task.net,
                                   program=task.program, height=height, width=width)
-  if final_sizes is not None and scale < len(task.sizes) - 1:
+  if final is not None:
     sizes = problem.term_sizes(task.batch, task.images_plan, targets, net=task.net,
                                program=task.program, height=height, width=width)
-    targets = problem.balance_weights(targets, sizes=sizes, final_sizes=final_sizes)
+    targets = problem.balance_weights(targets, sizes=sizes, final_sizes=final[1])
   return targets
 
 
-def _final_term_sizes(task: Task):
-  """Each term's size at the final scale, when coarser scales are to be balanced like it."""
+def _final_targets(task: Task) -> tuple[dict, dict] | None:
+  """The final scale's targets and each term's size there, when coarser scales are balanced."""
   if len(task.sizes) == 1 or not task.schedule.scale_balance:
     return None
   height, width = task.sizes[-1]
   targets = problem.scale_targets(task.batch, task.images_plan, net=task.net,
                                   program=task.program, height=height, width=width)
-  return problem.term_sizes(task.batch, task.images_plan, targets, net=task.net,
-                            program=task.program, height=height, width=width)
+  return targets, problem.term_sizes(task.batch, task.images_plan, targets, net=task.net,
+                                     program=task.program, height=height, width=width)
 
 
 def _resume(task: Task, saving: Saving, n_padded: int, progress) -> tuple[dict | None, int, list]:
@@ -207,7 +210,7 @@ def _resume(task: Task, saving: Saving, n_padded: int, progress) -> tuple[dict |
   optimizer, program = task.program.optimizer.make(), task.program
   template_for = lambda scale: jax.eval_shape(
       jax.vmap(lambda x: optim.init_state(optimizer, program.encode(x))), jax.ShapeDtypeStruct(
-          (n_padded, *task.sizes[min(scale, len(task.sizes) - 1)], 3), jnp.float32))
+          (n_padded, *task.sizes[min(scale, len(task.sizes) - 1)], 3), program.image_dtype))
   state, scale, records = checkpoints.load(path, template_for=template_for,
                                            fingerprint=saving.fingerprint)
   if progress:
@@ -243,8 +246,9 @@ def _start_state(task: Task, scale: int, targets, *, resumed: dict | None,
                  previous: np.ndarray | None, n_padded: int, progress) -> dict:
   """The state a scale starts from: the checkpoint's, or fresh from the start/upsampled images."""
   shard = devices.placement(task.shard, n_padded=n_padded, image_size=tuple(task.sizes[scale]))
-  fresh = lambda start: initial_state(shard(jnp.asarray(start)), task.net, targets,
-                                      program=task.program, shard=task.shard)
+  fresh = lambda start: initial_state(
+      shard(jnp.asarray(start, task.program.image_dtype)), task.net, targets,
+      program=task.program, shard=task.shard)
   if resumed is not None and 'opt_state' not in resumed:
     # Saved without the history: the optimiser starts afresh from the saved image.
     if progress:
@@ -366,7 +370,7 @@ def optimize(task: Task, saving: Saving, *, progress: report.Progress | None = N
   checkpoint = _Checkpointer(saving, progress)
   steps = task.schedule.steps_per_scale
   done_before += sum(steps[:start_scale])
-  final_sizes = _final_term_sizes(task)
+  final = _final_targets(task)
   previous = None
   if task.shard == devices.SPACE_AXIS and task.program.network.tile_size and progress:
     progress.message('shard=space with tiles: the images and the L-BFGS history stay split by '
@@ -378,7 +382,7 @@ def optimize(task: Task, saving: Saving, *, progress: report.Progress | None = N
       progress.message(f'shard=space: scale {scale + 1} is {height} px high, not a multiple of '
                        f'the {jax.device_count()} devices, so each device holds all its rows')
     targets = devices.placement(task.shard, n_padded=n_padded, image_size=task.sizes[scale])(
-        devices.pad_batch(_targets_at(task, scale, final_sizes), n_padded))
+        devices.pad_batch(_targets_at(task, scale, final), n_padded))
     state = _start_state(task, scale, targets, resumed=resumed, previous=previous,
                          n_padded=n_padded, progress=progress)
     resumed = None
