@@ -57,7 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   # the L-BFGS history (2 x memory_size images) dominates, so --config.memory_size is the lever.
   config.remat = False
   # Activation dtype: 'float32', or 'bfloat16' to halve activation memory (accumulation stays
-  # float32; no speed gain on CPU, faster on GPU/TPU).
+  # float32; no speed gain on CPU, faster on GPU/TPU), or 'float64' (image, network and
+  # optimiser in float64, free of float32 rounding: a reference for checks; needs
+  # JAX_ENABLE_X64=1 in the environment).
   config.compute_dtype = 'float32'
   # Exact tiled evaluation: the loss and its gradient over tiles of tile_size px (a multiple of
   # 16 for relu5_1), memory of one tile plus its halo; 0 = off. Additive terms only (README).

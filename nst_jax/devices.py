@@ -163,7 +163,9 @@ def planned_bytes(height: int, width: int, *, layers: Sequence[str], network: st
     height_a, width_a = min(height, tile_window), min(width, tile_window)
   else:
     height_a, width_a = height, width
+  float_bytes = 8 if compute_dtype == 'float64' else 4  # the image's (and history's) dtype
   activations = activation_bytes(height_a, width_a, layers=layers, network=network,
-                                 dtype_bytes=2 if compute_dtype == 'bfloat16' else 4)
-  history = history_images * height * width * 3 * (2 if history_dtype == 'bfloat16' else 4)
+                                 dtype_bytes=2 if compute_dtype == 'bfloat16' else float_bytes)
+  history_bytes = 2 if history_dtype == 'bfloat16' else float_bytes
+  history = history_images * height * width * 3 * history_bytes
   return (activations + history) * batch // space_devices

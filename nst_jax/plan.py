@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from nst_jax import color
@@ -47,6 +48,8 @@ _NOT_FINGERPRINTED = ('resume', 'progress', 'steps', 'save_every', 'checkpoint_e
 SHARD_MODES = ('batch', 'space')
 #: Precisions of lbfgs_fixed's history (config.history_dtype).
 HISTORY_DTYPES = ('float32', 'bfloat16')
+#: Activation dtypes; float64 (image, network and optimiser) is a reference mode under x64.
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float64')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,7 @@ class NetworkPlan:
   weights_path: str                  # '' = the embedded weights
   pooling: str
   remat: bool
-  compute_dtype: str                 # 'float32' or 'bfloat16'
+  compute_dtype: str                 # 'float32', 'bfloat16' or 'float64' (x64 only)
   tile_size: int = 0                 # exact tiled evaluation over tiles of this side (0: off)
 
 
@@ -272,7 +275,10 @@ def _images(config) -> ImagesPlan:
 def _network(config) -> NetworkPlan:
   check_choice(config.network, tuple(weights.CONV_SPECS), field='network')
   check_choice(config.pooling, vgg.POOLINGS, field='pooling')
-  check_choice(config.compute_dtype, ('float32', 'bfloat16'), field='compute_dtype')
+  check_choice(config.compute_dtype, COMPUTE_DTYPES, field='compute_dtype')
+  if config.compute_dtype == 'float64' and not jax.config.jax_enable_x64:
+    raise errors.UserError('compute_dtype=float64 needs 64-bit JAX: run with JAX_ENABLE_X64=1 '
+                           'in the environment, or choose float32')
   return NetworkPlan(name=config.network, weights_path=config.weights or '',
                      pooling=config.pooling, remat=bool(config.remat),
                      compute_dtype=config.compute_dtype, tile_size=int(config.tile_size))

@@ -40,6 +40,11 @@ class Program:
     return losses.feature_layers(self.entries)
 
   @property
+  def image_dtype(self) -> jnp.dtype:
+    """The dtype of the optimised image: float32, or float64 for a float64 network."""
+    return jnp.promote_types(self.network.compute_dtype, jnp.float32)
+
+  @property
   def stochastic(self) -> bool:
     """Whether a term draws random numbers (takes a ``key``): the loss then depends on the step."""
     return any(losses.accepts_key(entry) for entry in self.entries)

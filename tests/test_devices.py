@@ -41,6 +41,10 @@ def test_activation_bytes_count_every_conv_output_up_to_the_deepest_layer():
                                 compute_dtype='float32', history_images=10, batch=1,
                                 history_dtype='bfloat16', tile_window=16, space_devices=4)
   assert tiled == (window + 10 * 32 * 32 * 3 * 2) // 4
+  # float64: activations and history at 8 bytes a value.
+  wide = devices.planned_bytes(32, 32, layers=['block2_relu2'], network='vgg19',
+                               compute_dtype='float64', history_images=10, batch=1)
+  assert wide == 2 * expected + 10 * 32 * 32 * 3 * 8
 
 
 def test_device_memory_reads_an_accelerators_limit(monkeypatch):

@@ -52,6 +52,8 @@ def test_settings_that_cannot_be_honoured_are_refused(tmp_path):
     ({'style_images': 'a.png,b.png', 'style_blend_weights': '1'}, 'needs 2 non-negative'),
     ({'style_masks': 'm.png,n.png'}, '2 style masks for 1 style images'),
     ({'history_dtype': 'float16'}, 'unknown history_dtype'),
+    ({'compute_dtype': 'float16'}, 'unknown compute_dtype'),
+    ({'compute_dtype': 'float64'}, 'needs 64-bit JAX: run with JAX_ENABLE_X64=1'),
     ({'history_dtype': 'bfloat16', 'optimizer': 'adam'}, 'needs --config.optimizer=lbfgs_fixed'),
     ({'shard': 'layers'}, 'unknown shard'),
     ({'process_id': 1}, 'process_id needs --config.distributed=True'),
