@@ -74,7 +74,8 @@ def prepare(vgg: weights_lib.VggWeights, *, dtype: jnp.dtype = jnp.float32) -> d
 
   Args:
     vgg: loaded weights.
-    dtype: compute dtype of kernels (float32, or bfloat16 to halve activation memory).
+    dtype: compute dtype of kernels (float32, bfloat16 to halve activation memory, or float64
+      under x64 for reference runs).
 
   Returns:
     ``{"layers": {layer: {"kernel", "kernel_backward", "bias"}}, "mean_rgb", "std_rgb"}``: a
@@ -102,7 +103,7 @@ def prepare(vgg: weights_lib.VggWeights, *, dtype: jnp.dtype = jnp.float32) -> d
 
 
 def _accumulation_dtype(dtype) -> jnp.dtype:
-  """float32 for float32 and bfloat16 activations; float64 (a test's exact reference) stays."""
+  """float32 for float32 and bfloat16 activations; float64 (a reference run under x64) stays."""
   return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -170,7 +171,7 @@ def features(net: Mapping, image: jax.Array, *, layers: Sequence[str], network: 
     pooling: ``"max"`` (as trained) or ``"avg"`` (Gatys et al. found it gives smoother results).
     remat: recompute each block's activations in the backward pass instead of storing them
       (``jax.checkpoint``); trades about a third more compute for much less memory.
-    compute_dtype: dtype of activations (float32 or bfloat16); accumulation is float32.
+    compute_dtype: dtype of activations (float32 or bfloat16, accumulated in float32; or float64).
     boundary: for a window of a larger image (:mod:`nst_jax.tiling`), ``boundary(x, stride)``
       zeroes the positions of ``x`` (1, h, w, C) at that stride that lie outside the image; it is
       applied to the input and to every convolution's and pooling's output, so the window's
