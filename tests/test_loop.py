@@ -29,6 +29,25 @@ def test_multiscale_fine_scale_starts_from_the_upsampled_coarse_result(tmp_path,
   assert sorted({r['scale'] for r in helpers.final_losses(str(tmp_path / 'ms'))}) == [0]
 
 
+def test_coarse_scales_are_balanced_and_the_final_scale_keeps_its_own_targets():
+  # The final scale's targets are computed once, before the first scale (for the balance), and
+  # used again at the final scale: unbalanced, equal to that scale's own; the coarse scale's
+  # weights are rescaled.
+  from nst_jax import problem
+  prepared = helpers.prepare(helpers.tiny_config(size=48, scales=2, scale_factor=1.5))
+  task = prepared.whole_task()
+  final = loop._final_targets(task)
+  own = problem.scale_targets(task.batch, task.images_plan, net=task.net, program=task.program,
+                              height=48, width=48)
+  at_final, at_coarse = loop._targets_at(task, 1, final), loop._targets_at(task, 0, final)
+  for name, weight in own['weights'].items():
+    np.testing.assert_array_equal(at_final['weights'][name], weight)
+  np.testing.assert_allclose(at_final['style_targets'][0]['style'][helpers.SHALLOW_STYLE[0]],
+                             own['style_targets'][0]['style'][helpers.SHALLOW_STYLE[0]])
+  assert any(not np.allclose(at_coarse['weights'][name], own['weights'][name])
+             for name in own['weights'])
+
+
 def test_content_detail_is_what_the_coarse_scale_lost():
   rng = np.random.default_rng(0)
   contents = rng.uniform(0, 255, (2, 16, 12, 3))
