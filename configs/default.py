@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Resize content and style to size x size regardless of aspect (the Keras tutorial, seed 001).
   config.square = False
   # Style image's longer side relative to the output's (style scale of jcjohnson/neural-style):
-  # below 1 gives larger brush strokes relative to the output, above 1 finer ones.
+  # above 1 gives larger brush strokes (a stroke spans more pixels of the style read), below 1
+  # finer ones.
   config.style_scale = 1.0
   # Spatial control: a mask image per style image, comma-separated (white = that style's region;
   # Gatys et al. 2017). Empty: each style covers the whole image. Unmasked regions keep content.

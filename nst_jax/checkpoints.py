@@ -35,6 +35,29 @@ def keep_history(setting: str, state: Mapping) -> bool:
   return setting == 'true'
 
 
+def _flat(settings: Mapping, prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in settings.items():
+    if isinstance(value, Mapping):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _differences(saved: str, current: str) -> str:
+  """' (differs: steps=...)' naming the settings two fingerprints disagree on, when readable."""
+  try:
+    before, now = _flat(json.loads(saved)), _flat(json.loads(current))
+  except (ValueError, TypeError, AttributeError):
+    return ''  # an older checkpoint's hashed fingerprint
+  fields = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+  if not fields:
+    return ''
+  shown = ', '.join(f'{key}={before.get(key)!r} there, {now.get(key)!r} now' for key in fields[:3])
+  return f' ({shown}{", ..." if len(fields) > 3 else ""})'
+
+
 def save(path: str, *, state: Mapping, scale: int, fingerprint: str, records: list[dict],
          with_history: bool) -> None:
   """Writes the resumable state, atomically.
@@ -67,7 +90,8 @@ def load(path: str, *, template_for: Callable[[int], Any], fingerprint: str
     with open(path, 'rb') as handle:
       payload = serialization.msgpack_restore(handle.read())
     if payload['fingerprint'] != fingerprint:
-      raise errors.UserError(f'checkpoint {path!r} was made with another config; run with the '
+      raise errors.UserError(f'checkpoint {path!r} was made with another config'
+                             f'{_differences(payload["fingerprint"], fingerprint)}; run with the '
                              'same config, or without --config.resume to start afresh')
     scale = int(payload['scale'])
     records = json.loads(payload['records'])

@@ -274,7 +274,11 @@ def _start_state(task: Task, scale: int, targets, *, resumed: dict | None,
 
 def _log_chunk(log: report.LossLog, *, scale: int, first_step: int, chunk_losses: np.ndarray,
                parts: Mapping | None, n: int) -> None:
-  """One record per step taken; the chunk's last carries each term's share when computed."""
+  """One record per step taken; the chunk's last carries each term's share when computed.
+
+  A step's ``loss`` is the value at the image it started from (the optimiser evaluates before it
+  moves); ``parts`` are measured at the image after the chunk's last step, the next one's start.
+  """
   taken = chunk_losses.shape[1]
   for offset in range(taken):
     record = {'scale': scale, 'step': first_step + offset + 1,

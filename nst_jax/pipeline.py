@@ -177,6 +177,13 @@ def _announce(prepared: Prepared, groups, progress: report.Progress, *, measures
                                         else '') + '; the first chunk includes compilation')
   if prepared.memory_note:
     progress.message(prepared.memory_note)
+  tile = plan.network.tile_size
+  if tile and all(max(size) <= tile for _, size in groups):
+    window = tile + 2 * tiling.halo_size(losses.feature_layers(plan.entries),
+                                         network=plan.network.name, image_terms=True)
+    progress.message(f'--config.tile_size={tile} covers the whole image: one tile, evaluated on a '
+                     f'{window} px window (tile and halo), only costs time; tiles are for images '
+                     'larger than a tile (--config.tile_size=0 turns them off)')
   if measures:  # the metrics are written only with a workdir
     for note in sorted({outputs.metrics_note(*size) for _, size in groups} - {''}):
       progress.message(note)

@@ -9,7 +9,6 @@ field, each function takes the few typed values it needs. Files are not read her
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import os
@@ -256,12 +255,19 @@ def _images(config) -> ImagesPlan:
                            'stylises each style separately; drop one of the two')
   blend = blend or [1.0] * len(styles)
   if len(blend) != len(styles) or min(blend) < 0 or sum(blend) <= 0:
-    raise errors.UserError(f'--config.style_blend_weights needs {len(styles)} non-negative '
-                           'numbers, one per style image, not all zero')
+    numbers = 'a positive number' if len(styles) == 1 else (
+        f'{len(styles)} non-negative numbers, one per style image, not all zero')
+    raise errors.UserError(f'--config.style_blend_weights needs {numbers}; got '
+                           f'{config.style_blend_weights!r} for {len(styles)} style image'
+                           f'{"s" if len(styles) > 1 else ""}')
   masks = tuple(split(config.style_masks))
   if masks and len(masks) != len(styles):
     raise errors.UserError(f'{len(masks)} style masks for {len(styles)} style images; '
                            'give one mask per style image')
+  if config.init not in INITS and not os.path.splitext(config.init)[1] and os.sep not in config.init:
+    # A name, not a path: most likely a misspelt choice.
+    raise errors.UserError(f'unknown init {config.init!r}; choose one of {", ".join(INITS)}, '
+                           'or give an image file')
   return ImagesPlan(
       content_paths=contents, style_paths=styles,
       style_blend=tuple(value / sum(blend) for value in blend), mask_paths=masks,
@@ -382,10 +388,14 @@ def _devices(config) -> DevicesPlan:
 
 
 def fingerprint(config, *, leave_out: Sequence[str] = _NOT_FINGERPRINTED) -> str:
-  """A short hash of every field that changes the result (checkpoints must match it)."""
+  """Every field that changes the result, as canonical JSON (checkpoints must match it).
+
+  The settings themselves, not a hash of them, so a checkpoint that does not match can say
+  which fields differ (:func:`nst_jax.checkpoints.load`).
+  """
   data = {key: value for key, value in json.loads(config.to_json_best_effort()).items()
           if key not in leave_out}
-  return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+  return json.dumps(data, sort_keys=True)
 
 
 def from_config(config) -> Plan:

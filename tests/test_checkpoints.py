@@ -11,8 +11,12 @@ from tests import helpers
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
   helpers.run(helpers.tiny_config(tmp_path, steps=3), str(tmp_path / 'run'))
-  with pytest.raises(errors.UserError, match='another config'):
+  # The refusal names what differs, nested fields dotted.
+  with pytest.raises(errors.UserError, match=r"another config \(size=40 there, 48 now\)"):
     helpers.run(helpers.tiny_config(tmp_path, resume=True, size=48), str(tmp_path / 'run'))
+  with pytest.raises(errors.UserError, match=r"losses.style.term='gram' there, 'mean_std' now"):
+    helpers.run(helpers.tiny_config(tmp_path, resume=True, **{'losses.style.term': 'mean_std'}),
+                str(tmp_path / 'run'))
 
 
 def test_a_checkpoint_round_trips_with_or_without_the_history(tmp_path):

@@ -48,6 +48,17 @@ def test_coarse_scales_are_balanced_and_the_final_scale_keeps_its_own_targets():
              for name in own['weights'])
 
 
+def test_a_chunks_parts_add_up_to_the_next_steps_loss(tmp_path):
+  # README's reading of losses.jsonl: a step's loss is at the image it started from, the parts
+  # of a chunk's last step at the image after it.
+  helpers.run(helpers.tiny_config(steps=6, chunk_size=3, progress='lines'), tmp_path)
+  records = helpers.final_losses(str(tmp_path))
+  assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6] and 'parts' in records[2]
+  np.testing.assert_allclose(sum(v[0] for v in records[2]['parts'].values()),
+                             records[3]['loss'][0], rtol=1e-5)
+  assert not np.isclose(records[2]['loss'][0], records[3]['loss'][0], rtol=1e-3)
+
+
 def test_content_detail_is_what_the_coarse_scale_lost():
   rng = np.random.default_rng(0)
   contents = rng.uniform(0, 255, (2, 16, 12, 3))

@@ -376,6 +376,15 @@ def test_twenty_default_lbfgs_steps_in_float64_with_tiles_give_the_untiled_image
   assert difference.max() < 1e-6, (difference.mean(), difference.max())  # the issue: < 1
 
 
+def test_a_tile_that_covers_the_whole_image_is_said(tmp_path, capsys):
+  helpers.run(helpers.tiny_config(size=40, steps=1, chunk_size=1, tile_size=48,
+                                  progress='lines'), tmp_path / 'one')
+  assert '--config.tile_size=48 covers the whole image' in capsys.readouterr().err
+  helpers.run(helpers.tiny_config(size=40, steps=1, chunk_size=1, tile_size=32,
+                                  progress='lines'), tmp_path / 'four')
+  assert 'covers the whole image' not in capsys.readouterr().err
+
+
 def test_tiles_plan_less_temporary_memory():
   # 512 px, relu5_1: XLA plans 574 MiB of temporaries untiled, 115 MiB with 64 px tiles.
   program, net, targets, image = _problem(helpers.tiny_config(
