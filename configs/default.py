@@ -11,7 +11,7 @@ Override any field, e.g. your own images and a stronger style:
 
 It writes runs/default/result.png, grid.png (content | style | result), losses.jsonl (one JSON
 object per step), loss_curve.png, metrics.json (style and content distances of the result, see
-nst_jax/metrics.py) and checkpoint.msgpack, and takes about two minutes on a 2-core CPU.
+nst_jax/metrics.py) and checkpoint.msgpack, and takes about four minutes on a 2-core CPU.
 """
 
 import ml_collections
