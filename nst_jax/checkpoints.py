@@ -36,6 +36,7 @@ def keep_history(setting: str, state: Mapping) -> bool:
 
 
 def _flat(settings: Mapping, prefix: str = '') -> dict[str, Any]:
+  """Nested settings as one level, their keys dotted (``losses.style.term``)."""
   flat = {}
   for key, value in settings.items():
     if isinstance(value, Mapping):
@@ -46,7 +47,7 @@ def _flat(settings: Mapping, prefix: str = '') -> dict[str, Any]:
 
 
 def _differences(saved: str, current: str) -> str:
-  """' (differs: steps=...)' naming the settings two fingerprints disagree on, when readable."""
+  """' (size=40 there, 48 now)': the settings two fingerprints disagree on ('' if unreadable)."""
   try:
     before, now = _flat(json.loads(saved)), _flat(json.loads(current))
   except (ValueError, TypeError, AttributeError):
