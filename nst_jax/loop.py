@@ -175,15 +175,16 @@ def next_scale_start(previous: np.ndarray, *, contents: np.ndarray | None, heigh
 
 def _targets_at(task: Task, scale: int, final: tuple[dict, dict] | None) -> dict:
   """The targets of one scale; a coarser one's weights balanced like the final scale's terms."""
-  if final is not None and scale == len(task.sizes) - 1:
-    return final[0]  # computed once, for the balance, before the first scale
+  final_targets, final_sizes = final if final is not None else (None, None)
+  if final_targets is not None and scale == len(task.sizes) - 1:
+    return final_targets  # computed once, for the balance, before the first scale
   height, width = task.sizes[scale]
   targets = problem.scale_targets(task.batch, task.images_plan, net=task.net,
                                   program=task.program, height=height, width=width)
-  if final is not None:
+  if final_sizes is not None:
     sizes = problem.term_sizes(task.batch, task.images_plan, targets, net=task.net,
                                program=task.program, height=height, width=width)
-    targets = problem.balance_weights(targets, sizes=sizes, final_sizes=final[1])
+    targets = problem.balance_weights(targets, sizes=sizes, final_sizes=final_sizes)
   return targets
 
 

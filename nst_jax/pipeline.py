@@ -105,8 +105,7 @@ def _fit_memory(plan: plan_lib.Plan, batch: inputs.Batch) -> tuple[plan_lib.Plan
   layers = losses.feature_layers(plan.entries)
   window = 0
   if plan.network.tile_size:
-    window = plan.network.tile_size + 2 * tiling.halo_size(
-        layers, network=plan.network.name, image_terms=True)
+    window = tiling.window_size(plan.network.tile_size, plan.entries, network=plan.network.name)
   space = plan.devices.shard == 'space' and devices.splits_rows(height)
   needed = lambda memory_size: devices.planned_bytes(
       height, width, layers=layers, network=plan.network.name,
@@ -179,8 +178,7 @@ def _announce(prepared: Prepared, groups, progress: report.Progress, *, measures
     progress.message(prepared.memory_note)
   tile = plan.network.tile_size
   if tile and all(max(size) <= tile for _, size in groups):
-    window = tile + 2 * tiling.halo_size(losses.feature_layers(plan.entries),
-                                         network=plan.network.name, image_terms=True)
+    window = tiling.window_size(tile, plan.entries, network=plan.network.name)
     progress.message(f'--config.tile_size={tile} covers the whole image: one tile, evaluated on a '
                      f'{window} px window (tile and halo), only costs time; tiles are for images '
                      'larger than a tile (--config.tile_size=0 turns them off)')

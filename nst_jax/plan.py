@@ -264,8 +264,8 @@ def _images(config) -> ImagesPlan:
   if masks and len(masks) != len(styles):
     raise errors.UserError(f'{len(masks)} style masks for {len(styles)} style images; '
                            'give one mask per style image')
-  if config.init not in INITS and not os.path.splitext(config.init)[1] and os.sep not in config.init:
-    # A name, not a path: most likely a misspelt choice.
+  looks_like_name = not os.path.splitext(config.init)[1] and os.sep not in config.init
+  if config.init not in INITS and looks_like_name:  # most likely a misspelt choice
     raise errors.UserError(f'unknown init {config.init!r}; choose one of {", ".join(INITS)}, '
                            'or give an image file')
   return ImagesPlan(

@@ -60,6 +60,12 @@ def halo_size(layers: Sequence[str], *, network: str, image_terms: bool) -> int:
   return -(-max(growth, 1 if image_terms else 0) // grid) * grid
 
 
+def window_size(tile_size: int, entries: Sequence[losses.Entry], *, network: str) -> int:
+  """Side of the window one tile of ``tile_size`` px is evaluated on: the tile and its halo."""
+  return tile_size + 2 * halo_size(losses.feature_layers(entries), network=network,
+                                   image_terms=True)
+
+
 def check(entries: Sequence[losses.Entry], *, tile_size: int, network: str) -> None:
   """Raises the one-line UserError of a setting that cannot be tiled (``tile_size`` 0: none)."""
   if tile_size < 0:
